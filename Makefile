@@ -1,0 +1,57 @@
+# Two-command setup: `make test` and `make demo` build .venv from requirements/constraints.txt when it is
+# missing (or when the pins/settings change), then run. Both are idempotent and fast once .venv exists.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.rs_lab_installed
+DEMO_ROOT ?= $(if $(wildcard ../shared/data),../shared/data,)
+HERMETIC := $(CURDIR)/.hermetic
+# No model hub, ever: set before any Python starts (STACK.md). Jupyter/matplotlib state stays in the repo.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export MPLBACKEND := Agg
+export MPLCONFIGDIR := $(HERMETIC)/mpl
+export IPYTHONDIR := $(HERMETIC)/ipython
+export JUPYTER_CONFIG_DIR := $(HERMETIC)/jupyter_config
+export JUPYTER_DATA_DIR := $(HERMETIC)/jupyter_data
+export JUPYTER_RUNTIME_DIR := $(HERMETIC)/jupyter_runtime
+
+.PHONY: install test nbtest pytest demo export clean-nbs check-clean bench
+
+install: $(STAMP)
+
+$(STAMP): requirements/constraints.txt settings.ini setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[dev]"
+	$(BIN)/python -m ipykernel install --prefix $(VENV) --name python3 >/dev/null
+	$(BIN)/python -c "import torch, torchvision, open_clip, rs_prompt_lab; print('install ok: torch', torch.__version__, 'open_clip', open_clip.__version__)"
+	@touch $@
+
+test: install nbtest pytest
+
+nbtest: install
+	@mkdir -p $(HERMETIC)
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest: install
+	@mkdir -p $(HERMETIC)
+	$(BIN)/python -m pytest -q
+
+demo: install
+	@mkdir -p $(HERMETIC)
+	$(BIN)/rs-lab demo $(if $(DEMO_ROOT),--root $(DEMO_ROOT),)
+
+export: install
+	$(BIN)/nbdev_export
+
+clean-nbs: install
+	$(BIN)/nbdev_clean
+
+# Fails when nbdev_export or nbdev_clean would change a tracked file (CI runs this).
+check-clean: install
+	$(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+	@git status --porcelain --untracked-files=no | grep . && { echo "nbdev_export/nbdev_clean changed tracked files: run 'make export clean-nbs' and commit"; git --no-pager diff --stat; exit 1; } || echo "export/clean: no diff"
