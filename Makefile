@@ -23,6 +23,7 @@ export JUPYTER_RUNTIME_DIR := $(HERMETIC)/jupyter_runtime
 install: $(STAMP)
 
 $(STAMP): requirements/constraints.txt settings.ini setup.py
+	@mkdir -p $(HERMETIC)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[dev]"
