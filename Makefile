@@ -51,6 +51,11 @@ export: install
 clean-nbs: install
 	$(BIN)/nbdev_clean
 
+# Speed/memory figures (printed, not asserted by tests); see benchmarks/.
+bench: install
+	$(BIN)/python benchmarks/bench_patches.py
+	@test ! -f benchmarks/bench_synth.py || $(BIN)/python benchmarks/bench_synth.py
+
 # Fails when nbdev_export or nbdev_clean would change a tracked file (CI runs this).
 check-clean: install
 	$(BIN)/nbdev_export
