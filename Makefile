@@ -35,7 +35,7 @@ test: install nbtest pytest
 
 nbtest: install
 	@mkdir -p $(HERMETIC)
-	$(BIN)/nbdev_test --n_workers 2 --timing
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing
 
 pytest: install
 	@mkdir -p $(HERMETIC)
@@ -54,6 +54,7 @@ clean-nbs: install
 # Speed/memory figures (printed, not asserted by tests); see benchmarks/.
 bench: install
 	$(BIN)/python benchmarks/bench_patches.py
+	$(BIN)/python benchmarks/bench_backbones.py
 	@test ! -f benchmarks/bench_synth.py || $(BIN)/python benchmarks/bench_synth.py
 
 # Fails when nbdev_export or nbdev_clean would change a tracked file (CI runs this).
