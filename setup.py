@@ -1,6 +1,6 @@
 """Packaging from settings.ini (the nbdev 2 convention); data_manifests/ ships inside the package."""
 from configparser import ConfigParser
-from setuptools import setup
+from setuptools import find_packages, setup
 
 cfg = ConfigParser(delimiters=['='])
 cfg.read('settings.ini', encoding='utf-8')
@@ -14,7 +14,7 @@ setup(
     author=cfg['author'],
     license='Apache-2.0',
     python_requires='>=' + cfg['min_python'],
-    packages=[lib, f'{lib}.data', f'{lib}.data_manifests'],
+    packages=find_packages(include=[lib, f'{lib}.*']) + [f'{lib}.data_manifests'],
     package_dir={f'{lib}.data_manifests': 'data_manifests'},
     package_data={f'{lib}.data_manifests': ['*.yaml'], lib: ['assets/*', 'assets/*/*']},
     include_package_data=True,

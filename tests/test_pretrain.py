@@ -40,3 +40,12 @@ def test_shipped_rs_tiny_zero_shot_on_fresh_images():
     random_init = evaluate_zeroshot(load_backbone("random:rs-tiny")[0], ds, progress=False)["top1"]
     assert trained >= 3 * chance, (trained, chance)
     assert trained > random_init + 0.2, (trained, random_init)
+
+
+def test_synthetic_scenes_manifest_is_disjoint_from_the_pretraining_corpus():
+    "Image identity depends on (seed, class, index, domain): a different seed means no image of the manifest was pretrained on."
+    from rs_prompt_lab.backbones import RS_TINY_DIR
+    from rs_prompt_lab.data.manifest import get_manifest
+    recipe = json.loads((RS_TINY_DIR / "recipe.json").read_text())
+    params = get_manifest("synthetic-scenes").generator["params"]
+    assert params["seed"] != recipe["cfg"]["seed"], (params, recipe["cfg"]["seed"])
