@@ -23,6 +23,6 @@ case "${1:-}" in
     for m in linear-probe coop cfipt; do $RS $m $SYN $COMMON --seeds $SEEDS --epochs $EPOCHS --backbone rs-tiny; done ;;
   ablations)
     for m in cfipt-bilinear cfipt-concat cfipt-ones cfipt-vision-only cfipt-no-interaction cfipt-transformer maple; do
-      $RS $m $SYN $COMMON --seeds ${ABL_SEEDS:-0} --epochs $EPOCHS --backbone rs-tiny; done ;;
+      $RS $m $SYN $COMMON --seeds ${ABL_SEEDS:-$SEEDS} --epochs $EPOCHS --backbone rs-tiny; done ;;
   *) echo "usage: $0 real|synthetic|ablations" >&2; exit 2 ;;
 esac
