@@ -19,6 +19,7 @@ Timings on a shared machine are noisy; nothing here is asserted.
 import argparse, os, resource, threading, time
 import numpy as np
 import torch
+from rs_prompt_lab.records import index_to_ids, logits_of
 
 LIMIT_GB = 2.0
 K_CLASSES = 15
@@ -59,14 +60,9 @@ def build_method(scene, patch_size: int, kw: dict):
     torch.manual_seed(0)
     try: clip, _ = load_backbone("rs-tiny"); note = "rs-tiny (pretrained weights)"
     except WeightsError: clip, _ = load_backbone("random:rs-tiny"); note = "random:rs-tiny (rs-tiny weights absent: random init, same architecture and speed)"
-    names = [scene.class_names[i] for i in sorted(scene.class_names)]
-    bands = {k: scene.n_bands(k) for k in scene.modalities}
-    try:
-        from rs_prompt_lab.methods import create_method
-        return create_method("cfipt", clip, names, bands, patch_size, **kw), note + f", methods.create_method('cfipt', **{kw})"
-    except ImportError:
-        from rs_prompt_lab.cfipt.model import CFIPT
-        return CFIPT(clip, names, bands, patch_size, **kw), note + f", cfipt.model.CFIPT(**{kw})"
+    from rs_prompt_lab.methods import create_method
+    from rs_prompt_lab.experiment import scene_spec
+    return create_method("cfipt", clip, scene_spec(scene, patch_size), **kw), note + f", methods.create_method('cfipt', **{kw})"
 
 
 def naive_loop(model, scene, norms, rc, p: int, batch: int) -> tuple:
@@ -74,7 +70,7 @@ def naive_loop(model, scene, norms, rc, p: int, batch: int) -> tuple:
     h = p // 2
     padded = {k: np.pad(x, ((h, h), (h, h), (0, 0)), mode="reflect") for k, x in scene.modalities.items()}  # a second copy of the scene
     cut = lambda r, c: {k: norms[k].transform(x[r:r + p, c:c + p]).transpose(2, 0, 1) for k, x in padded.items()}  # {k: (C, p, p)}
-    fwd = lambda d: model({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()}).argmax(1).numpy() + 1
+    fwd = lambda d: index_to_ids(logits_of(model({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()})).argmax(1).numpy())
     with torch.inference_mode():
         t0 = time.perf_counter()
         p1 = np.array([fwd({k: v[None] for k, v in cut(r, c).items()})[0] for r, c in rc])

@@ -13,20 +13,17 @@ import rs_prompt_lab
 from .core import RSLabError, ConfigError, DataError, check_choice, suggest, atomic_path, save_json, get_logger
 
 # %% auto #0
-__all__ = ['RS_TINY_CONFIG', 'RS_TINY_PREPROCESS', 'RS_TINY_DIR', 'BACKBONES', 'register_model_config', 'WeightsError',
-           'BackboneEntry', 'list_backbones', 'weights_dir', 'find_weights', 'preprocess_info_of', 'load_backbone',
-           'save_backbone_dir', 'preprocess_images', 'ParamTable', 'param_table', 'backbones_table', 'configure_cli']
+__all__ = ['RS_TINY_PREPROCESS', 'RS_TINY_DIR', 'RS_TINY_CONFIG', 'BACKBONES', 'register_model_config',
+           'register_builtin_configs', 'WeightsError', 'BackboneEntry', 'list_backbones', 'weights_dir', 'find_weights',
+           'preprocess_info_of', 'load_backbone', 'save_backbone_dir', 'preprocess_images', 'ParamTable', 'param_table',
+           'backbones_table', 'configure_cli']
 
 # %% ../nbs/21_backbones.ipynb #4546c12f
-RS_TINY_CONFIG = {  # open_clip model config of the embedded default backbone
-    "embed_dim": 128,
-    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
-}
 RS_TINY_PREPROCESS = {  # suggested preprocessing for rs-tiny (the pretraining step writes the one it used); CLIP mean/std
     "size": 64, "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
     "interpolation": "bilinear", "resize_mode": "squash"}
 RS_TINY_DIR = Path(rs_prompt_lab.__file__).resolve().parent / "assets" / "rs_tiny"  # where rs-lab pretrain puts the weights
+RS_TINY_CONFIG = json.loads((RS_TINY_DIR / "open_clip_config.json").read_text())["model_cfg"]  # the architecture, shipped beside the weights
 
 def register_model_config(name: str, cfg: dict) -> str:
     "Register an architecture dict with open_clip under `name` (via a temporary JSON file); idempotent."
@@ -36,6 +33,10 @@ def register_model_config(name: str, cfg: dict) -> str:
         (d / f"{name}.json").write_text(json.dumps(cfg))
         open_clip.add_model_config(d / f"{name}.json")
     return name
+
+def register_builtin_configs() -> None:
+    "Make the embedded architectures (rs-tiny) known to open_clip; called by every loader before it asks open_clip."
+    register_model_config("rs-tiny", RS_TINY_CONFIG)
 
 # %% ../nbs/21_backbones.ipynb #4a85f0c1
 class WeightsError(RSLabError):
@@ -165,7 +166,7 @@ def load_backbone(name: str, # registry name, `local-dir:/path` or `random:<open
         if path is None: raise WeightsError(_how_to(e))
     import open_clip
     from rs_prompt_lab.promptable import PromptableCLIP
-    register_model_config("rs-tiny", RS_TINY_CONFIG)
+    register_builtin_configs()
     if name.startswith("random:"):
         arch = name[len("random:"):]
         if arch not in open_clip.list_models():

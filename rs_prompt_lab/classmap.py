@@ -13,6 +13,7 @@ from .core import ConfigError, DataError, atomic_path, get_device, get_logger
 from .data.scene import Scene
 from .data.patches import SceneTiler
 from .train import resolve_amp
+from .records import logits_of
 
 # %% auto #0
 __all__ = ['log', 'predict_scene', 'class_palette', 'colorize', 'save_classmap', 'render_classmap']
@@ -62,7 +63,7 @@ def predict_scene(model: nn.Module, # forward(batch dict) -> (B, K) logits
             if hasattr(model, "prepare_inference"): model.prepare_inference()
             for b in tiler:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    logits = _check_logits(model(_batch_to_torch(b, tiler.modalities, device)), len(b["rc"]), n_classes)
+                    logits = _check_logits(logits_of(model(_batch_to_torch(b, tiler.modalities, device))), len(b["rc"]), n_classes)
                 ids = logits.float().argmax(1).cpu().numpy().astype(np.int16) + 1  # (B,)
                 pred[b["rc"][:, 0], b["rc"][:, 1]] = ids
     finally:

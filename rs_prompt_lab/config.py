@@ -11,7 +11,7 @@ from typing import Any, get_type_hints
 from .core import ConfigError, save_json, load_json, to_jsonable, suggest
 
 # %% auto #0
-__all__ = ['Cfg']
+__all__ = ['Cfg', 'parse_kv', 'add_cfg_arguments', 'cfg_from_args']
 
 # %% ../nbs/01_config.ipynb #38d11be6
 def _coerce(tp, v, name):
@@ -51,3 +51,53 @@ class Cfg:
     def from_json(cls, s: str): return cls.from_dict(json.loads(s))
     @classmethod
     def load(cls, path: str | Path): return cls.from_dict(load_json(path))
+
+# %% ../nbs/01_config.ipynb #717f091c
+import argparse, re
+
+def parse_kv(s: str) -> tuple:
+    "KEY=VALUE with VALUE as JSON, 'HxW' as [H, W], or a plain string."
+    k, eq, v = str(s).partition("=")
+    if not eq or not k: raise ConfigError(f"expected KEY=VALUE, got {s!r} (e.g. depth=6)")
+    if re.fullmatch(r"\d+x\d+", v): return k, [int(t) for t in v.split("x")]
+    try: return k, json.loads(v)
+    except json.JSONDecodeError: return k, v
+
+def _base_type(tp):
+    "The non-None type of an annotation (int | None -> int)."
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) in (typing.Union,) or str(typing.get_origin(tp)) == "<class 'types.UnionType'>" else tp
+
+# %% ../nbs/01_config.ipynb #ddfa1505
+def add_cfg_arguments(parser: argparse.ArgumentParser, cls: type, # a dataclass
+                      flags: dict | None = None, # field -> option string ('dataset' -> '--data')
+                      skip: typing.Sequence = (), # fields the caller handles itself
+                     ) -> None:
+    "One option per field of `cls`, with the field's comment as help and its default."
+    from fastcore.docments import docments
+    docs, hints, flags = docments(cls, full=True), get_type_hints(cls), flags or {}
+    for f in fields(cls):
+        if f.name in skip: continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        tp, opt = _base_type(hints.get(f.name, str)), flags.get(f.name, "--" + f.name.replace("_", "-"))
+        help_ = (docs.get(f.name, {}).get("docment") or "") + f" (default: {default!r})"
+        kw = dict(dest=f.name, default=default, help=help_)
+        if tp is bool:
+            if default: parser.add_argument(flags.get(f.name, "--no-" + f.name.replace("_", "-")), action="store_false", **kw)
+            else: parser.add_argument(opt, action="store_true", **kw)
+        elif tp in (list, tuple) or typing.get_origin(tp) in (list, tuple):
+            el = type(default[0]) if default else str
+            parser.add_argument(opt, nargs="+", type=el if el in (int, float) else None, **kw)
+        elif tp is dict or typing.get_origin(tp) is dict:
+            parser.add_argument(opt, action="append", metavar="KEY=VALUE", **{**kw, "default": None})
+        else: parser.add_argument(opt, type=tp if tp in (int, float, str) else str, **kw)
+
+def cfg_from_args(cls: type, ns: argparse.Namespace, **overrides):
+    "The config `cls` from a namespace built by `add_cfg_arguments` (missing fields keep their defaults)."
+    hints, vals = get_type_hints(cls), {}
+    for f in fields(cls):
+        if f.name not in vars(ns): continue
+        v, tp = getattr(ns, f.name), _base_type(hints.get(f.name, str))
+        if (tp is dict or typing.get_origin(tp) is dict): v = dict(map(parse_kv, v)) if v is not None else (f.default_factory() if f.default_factory is not dataclasses.MISSING else {})
+        vals[f.name] = _coerce(hints.get(f.name, typing.Any), v, f.name)
+    return cls(**{**vals, **overrides})

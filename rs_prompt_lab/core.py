@@ -13,7 +13,7 @@ import numpy as np
 # %% auto #0
 __all__ = ['RSLabError', 'DataError', 'ConfigError', 'suggest', 'check_choice', 'get_logger', 'seed_everything', 'get_device',
            'atomic_path', 'atomic_write', 'to_jsonable', 'save_json', 'load_json', 'record', 'sha256sum', 'git_commit',
-           'provenance']
+           'provenance', 'trainable_parameters', 'count_parameters']
 
 # %% ../nbs/00_core.ipynb #c7496b65
 class RSLabError(ValueError):
@@ -180,3 +180,12 @@ def provenance() -> dict:
         try: vers[p] = md.version(p.replace("_", "-") if p == "rs_prompt_lab" else p)
         except md.PackageNotFoundError: vers[p] = None
     return {"python": platform.python_version(), "platform": platform.platform(), "packages": vers, "git_commit": git_commit()}
+
+# %% ../nbs/00_core.ipynb #03d0c701
+def trainable_parameters(model) -> list:
+    "(name, parameter) pairs with `requires_grad`, in module order."
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+def count_parameters(model) -> tuple:
+    "(trainable, total) parameter counts of an nn.Module."
+    return sum(p.numel() for _, p in trainable_parameters(model)), sum(p.numel() for p in model.parameters())

@@ -4,10 +4,12 @@
 
 # %% ../nbs/20_promptable.ipynb #17d49e61
 from __future__ import annotations
+import numbers
 from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 import open_clip
 from open_clip.transformer import VisionTransformer, ResidualAttentionBlock, CustomResidualAttentionBlock
 from open_clip.tokenizer import SimpleTokenizer
@@ -41,6 +43,13 @@ def check_supported(model: nn.Module) -> None:
         if bad: raise UnsupportedBackbone(f"{name}: {tower} tower has unknown block type {bad[0]}")
 
 # %% ../nbs/20_promptable.ipynb #6ec7206c
+def _unlocked_modules(model: nn.Module) -> list[nn.Module]:
+    "The largest submodules of `model` whose parameters are all trainable (the parts unlocked for fine-tuning)."
+    ps = list(model.parameters())
+    if ps and all(p.requires_grad for p in ps): return [model]
+    return [m for c in model.children() for m in _unlocked_modules(c)]
+
+# %% ../nbs/20_promptable.ipynb #f4ad8f27
 class PromptableCLIP(nn.Module):
     "A frozen open_clip CLIP ViT whose towers accept prompt tokens per layer and return intermediate tokens."
     def __init__(self, model: nn.Module, # an open_clip `CLIP` with a ViT image tower
@@ -63,9 +72,11 @@ class PromptableCLIP(nn.Module):
         self._tokenizer = tokenizer
 
     def train(self, mode: bool = True):
-        "Set train/eval mode; a frozen CLIP stays in eval mode."
+        "Set train/eval mode; a frozen CLIP stays in eval mode, except the parts unlocked for fine-tuning."
         super().train(mode)
-        if self.frozen: self.model.eval()
+        if self.frozen:
+            self.model.eval()
+            for m in _unlocked_modules(self.model): m.train(mode)
         return self
 
     def forward(self, images, texts):
@@ -107,7 +118,7 @@ def logit_scale(self: PromptableCLIP) -> torch.Tensor:
     "The temperature `exp(logit_scale)` that multiplies cosine similarities."
     return self.model.logit_scale.exp()
 
-# %% ../nbs/20_promptable.ipynb #e060b2d0
+# %% ../nbs/20_promptable.ipynb #9aba020c
 @patch
 def tokenize(self: PromptableCLIP, texts: str | Sequence[str]) -> torch.Tensor:
     "Token ids `(N, L)` of `texts`, on the model's device."
@@ -133,7 +144,7 @@ def prompt_tokens(self: PromptableCLIP, class_names: Sequence[str], # K class na
                   suffix: str = ".", # text after the class name
                  ) -> torch.Tensor:
     "Ids `(K, L)` of `'X X ... X {class}{suffix}'`: positions 1..n_ctx are placeholders for learned context."
-    texts = [" ".join(["X"] * n_ctx + [str(c).replace("_", " ")]) + suffix for c in class_names]
+    texts = [" ".join(["X"] * n_ctx + [str(c)]) + suffix for c in class_names]   # words as given: prompts.text.class_prompt cleans names
     enc = getattr(self._tokenizer, "encode", None)
     for c, t in zip(class_names, texts):
         if enc is not None and len(enc(t)) + 2 > self.context_length:
@@ -185,7 +196,7 @@ def _block_with_attn(blk: nn.Module, x: torch.Tensor, mask: torch.Tensor | None)
     x = x + blk.ls_1(a)
     return x + blk.ls_2(blk.mlp(blk.ln_2(x))), w  # w: (N, heads, L, L)
 
-# %% ../nbs/20_promptable.ipynb #f87dcc68
+# %% ../nbs/20_promptable.ipynb #151aa360
 def _run_blocks(transformer: nn.Module, # an open_clip Transformer
                 x: torch.Tensor, # (N, L, D) batch-first sequence
                 mask: torch.Tensor | None, # additive attention mask (L, L) or None
@@ -199,6 +210,7 @@ def _run_blocks(transformer: nn.Module, # an open_clip Transformer
         raise ConfigError(f"{len(deep)} deep prompts for a tower with {len(blocks)} layers")
     mask = mask.to(x.dtype) if mask is not None else None
     toks, attn = {}, {}
+    ckpt = getattr(transformer, "grad_checkpointing", False) and torch.is_grad_enabled()
     for i, blk in enumerate(blocks):
         p = deep[i] if deep is not None and i < len(deep) else None
         if p is not None:
@@ -209,6 +221,7 @@ def _run_blocks(transformer: nn.Module, # an open_clip Transformer
             x = torch.cat([x[:, :start], _expand_prompt(p.to(x.dtype), x.shape[0], K), x[:, start + P:]], 1)
         xb = x if transformer.batch_first else x.transpose(0, 1)
         if i in take_attn: xb, attn[i] = _block_with_attn(blk, xb, mask)
+        elif ckpt: xb = checkpoint(blk, xb, attn_mask=mask, use_reentrant=False)
         else: xb = blk(xb, attn_mask=mask)
         x = xb if transformer.batch_first else xb.transpose(0, 1)
         if i in take_tokens: toks[i] = x
@@ -314,3 +327,39 @@ def encode_text(self: PromptableCLIP, text, # strings or token ids (N, L)
     tokens = self.tokenize(text) if isinstance(text, str) or (isinstance(text, (list, tuple)) and text and isinstance(text[0], str)) else text
     return self.encode_text_embeddings(self.token_embedding(tokens), self.eot_index(tokens), deep_prompts, prompt_start,
                                        return_tokens, return_attn, normalize)
+
+# %% ../nbs/20_promptable.ipynb #d6ceb5eb
+@patch(as_prop=True)
+def n_image_groups(self: PromptableCLIP) -> int:
+    "Lockable groups of the image tower in open_clip's `VisionTransformer.lock`: embeddings, each block, proj."
+    return self.n_vision_layers + 2
+
+@patch
+def unlock_image_tower(self: PromptableCLIP, unlocked_groups: int | None = None, # last n groups to train; None: the whole tower
+                      ) -> PromptableCLIP:
+    "Make the last `unlocked_groups` groups of the image tower trainable and the rest of it frozen; returns self."
+    n = self.n_image_groups
+    if unlocked_groups is None: unlocked_groups = n
+    if isinstance(unlocked_groups, bool) or not isinstance(unlocked_groups, numbers.Integral) or not 0 <= unlocked_groups <= n:
+        raise ConfigError(f"unlocked_groups={unlocked_groups!r}: the image tower has {n} groups; pass 0..{n}, or None for the whole tower")
+    self.model.visual.lock(unlocked_groups=int(unlocked_groups))
+    return self.train(self.training)
+
+@patch
+def lock_image_tower(self: PromptableCLIP) -> PromptableCLIP:
+    "Freeze the whole image tower again (open_clip's `lock_image_tower()`); returns self."
+    self.model.lock_image_tower(unlocked_groups=0)
+    return self.train(self.training)
+
+# %% ../nbs/20_promptable.ipynb #ff1b2591
+@patch
+def set_grad_checkpointing(self: PromptableCLIP, enable: bool = True, # recompute each block's activations in backward
+                          ) -> PromptableCLIP:
+    "Gradient checkpointing in both towers (open_clip's `set_grad_checkpointing`), honoured by `_run_blocks`; returns self."
+    self.model.set_grad_checkpointing(enable)
+    return self
+
+@patch
+def no_weight_decay(self: PromptableCLIP) -> set[str]:
+    "Names of this wrapper's CLIP parameters that take no weight decay (open_clip's `no_weight_decay`, prefixed `model.`)."
+    return {f"model.{n}" for n in self.model.no_weight_decay()}

@@ -15,9 +15,10 @@ from tqdm.auto import tqdm
 from .core import (ConfigError, DataError, RSLabError, atomic_path, check_choice, get_device,
                                 get_logger, provenance, record, save_json, seed_everything)
 from .config import Cfg
+from .records import logits_of
 
 # %% auto #0
-__all__ = ['EVENTS', 'log', 'TrainCfg', 'trainable_parameters', 'count_parameters', 'trainable_state', 'load_trainable_state',
+__all__ = ['NO_DECAY_KEYS', 'EVENTS', 'log', 'TrainCfg', 'trainable_state', 'load_trainable_state', 'split_decay', 'param_groups',
            'cosine_warmup_lambda', 'resolve_amp', 'to_device', 'split_batch', 'cross_entropy_loss', 'Hook', 'Trainer',
            'default_metrics', 'predict', 'save_checkpoint', 'load_checkpoint']
 
@@ -61,13 +62,7 @@ class TrainCfg(Cfg):
         return self
 
 # %% ../nbs/40_train.ipynb #07a9eb85
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    "(name, parameter) pairs with `requires_grad`, in module order."
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    "(trainable, total) parameter counts."
-    return sum(p.numel() for _, p in trainable_parameters(model)), sum(p.numel() for p in model.parameters())
+from .core import trainable_parameters, count_parameters   # defined below every method; re-exported here
 
 def trainable_state(model: nn.Module) -> dict:
     "CPU copies of the trainable parameters and all persistent buffers."
@@ -80,6 +75,40 @@ def load_trainable_state(model: nn.Module, state: dict, source: str = "checkpoin
     if missing: raise DataError(f"{source}: no values for trainable parameter(s) {missing[:5]}; it was saved from a different model")
     res = model.load_state_dict(state, strict=False)
     if res.unexpected_keys: raise DataError(f"{source}: holds parameters the model lacks: {res.unexpected_keys[:5]}")
+
+# %% ../nbs/40_train.ipynb #9b8896a7
+NO_DECAY_KEYS = ("embedding", "logit_scale", "logit_bias", "prompt", "ctx")  # in a parameter's own name: no weight decay
+
+def _own_name(name: str) -> str:
+    "Last non-index part of a dotted parameter name ('a.prompts.3' -> 'prompts')."
+    parts = [p for p in name.split(".") if not p.isdigit()]
+    return parts[-1] if parts else name
+
+def split_decay(model: nn.Module, # the model whose trainable parameters are split
+                no_decay: Sequence[str] = NO_DECAY_KEYS, # substrings of a parameter's own name that exclude it from decay
+               ) -> tuple[list, list]:
+    "(decay, no_decay) lists of trainable (name, parameter) pairs, each in module order."
+    skip = set()
+    for mname, m in model.named_modules():
+        fn = getattr(m, "no_weight_decay", None)
+        if callable(fn): skip |= {f"{mname}.{n}" if mname else n for n in fn()}
+        if isinstance(m, nn.Embedding): skip.add(f"{mname}.weight" if mname else "weight")
+    decay, rest = [], []
+    for n, p in trainable_parameters(model):
+        nd = p.ndim <= 1 or n in skip or getattr(p, "_no_weight_decay", False) or any(k in _own_name(n) for k in no_decay)
+        (rest if nd else decay).append((n, p))
+    return decay, rest
+
+# %% ../nbs/40_train.ipynb #3c6289b4
+def param_groups(model: nn.Module, # the model to optimise (trainable parameters only)
+                 weight_decay: float, # decay of the weight matrices
+                 no_decay: Sequence[str] = NO_DECAY_KEYS, # see `split_decay`
+                ) -> list[dict]:
+    "Optimiser parameter groups: decayed weights and undecayed norms/biases/embeddings/prompts (one group when weight_decay=0)."
+    if not weight_decay: return [{"params": [p for _, p in trainable_parameters(model)], "weight_decay": 0.0}]
+    decay, rest = split_decay(model, no_decay)
+    return [g for g in ({"params": [p for _, p in decay], "weight_decay": weight_decay},
+                        {"params": [p for _, p in rest], "weight_decay": 0.0}) if g["params"]]
 
 # %% ../nbs/40_train.ipynb #c026b16e
 def cosine_warmup_lambda(total_steps: int, # optimiser steps over the whole run
@@ -106,7 +135,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "fp16" and not cuda: raise ConfigError("amp='fp16' needs a CUDA device; use amp='bf16' or 'off' on CPU")
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
-# %% ../nbs/40_train.ipynb #4baee32b
+# %% ../nbs/40_train.ipynb #da858f73
 def to_device(batch: Any, device: torch.device) -> Any:
     "Move every tensor in a (nested) dict/list/tuple batch to `device`."
     if torch.is_tensor(batch): return batch.to(device, non_blocking=True)
@@ -128,7 +157,7 @@ def cross_entropy_loss(label_key: str = "label", label_smoothing: float = 0.0) -
     def loss_fn(outputs, batch, model=None):
         _, y = split_batch(batch, label_key)
         if y is None: raise DataError(f"cross_entropy_loss: the batch has no labels (key {label_key!r})")
-        return nn.functional.cross_entropy(outputs.float(), y.long(), label_smoothing=label_smoothing)
+        return nn.functional.cross_entropy(logits_of(outputs).float(), y.long(), label_smoothing=label_smoothing)
     return loss_fn
 
 # %% ../nbs/40_train.ipynb #9b397510
@@ -183,7 +212,7 @@ class Trainer:
         self.best_score, self.best_epoch, self.best_state = None, None, None
         self.out_dir = Path(self.cfg.out_dir) if self.cfg.out_dir is not None else None
 
-# %% ../nbs/40_train.ipynb #2366ad3c
+# %% ../nbs/40_train.ipynb #7adbf389
 from fastcore.basics import patch
 
 @patch
@@ -197,10 +226,14 @@ def _steps_per_epoch(self: Trainer) -> int:
 
 @patch
 def _build_optimizer(self: Trainer) -> torch.optim.Optimizer:
-    "AdamW or SGD over the trainable parameters only."
-    ps, c = [p for _, p in self.params], self.cfg
-    if c.optimizer == "adamw": return torch.optim.AdamW(ps, lr=c.lr, weight_decay=c.weight_decay)
-    return torch.optim.SGD(ps, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    "AdamW or SGD over the trainable parameters only, in weight-decay groups (`param_groups`)."
+    c = self.cfg
+    groups = param_groups(self.model, c.weight_decay)
+    decay, rest = split_decay(self.model)
+    log.info("weight decay %g on %d tensors (%d values), none on %d tensors (%d values)%s", c.weight_decay, len(decay),
+             sum(p.numel() for _, p in decay), len(rest), sum(p.numel() for _, p in rest), "" if c.weight_decay else "; weight_decay=0: one group")
+    if c.optimizer == "adamw": return torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
+    return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
 
 def default_metrics(outputs: torch.Tensor, labels: torch.Tensor | None) -> dict:
     "Accuracy as 'oa' for (N, K) logits with (N,) labels; nothing otherwise (multi-label, embeddings)."
@@ -245,7 +278,7 @@ def train_epoch(self: Trainer) -> float:
         bar.set_postfix(loss=f"{total / n:.4f}")
     return total / max(n, 1)
 
-# %% ../nbs/40_train.ipynb #7adbf389
+# %% ../nbs/40_train.ipynb #98be55ac
 @torch.inference_mode()
 def predict(model: nn.Module, # forward(batch) -> outputs
             loader: Iterable, # dict or (x, y) batches
@@ -268,7 +301,7 @@ def predict(model: nn.Module, # forward(batch) -> outputs
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = model(x)
                 if loss_fn is not None: loss_sum += float(loss_fn(out, batch, model)) * len(out); n += len(out)
-            out = out.float()
+            out = logits_of(out).float()   # a MethodOutput gives its logits
             outs.append((out.argmax(-1) if return_preds else out).cpu())
             if y is not None: labels.append(y.cpu())
     finally:

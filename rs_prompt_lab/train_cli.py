@@ -4,46 +4,29 @@
 
 # %% ../nbs/61_train_cli.ipynb #3ef1bc34
 from __future__ import annotations
-import argparse, json, re
+import argparse
 from pathlib import Path
 from .core import ConfigError, get_logger
 
 # %% auto #0
-__all__ = ['parse_param', 'configure_cli', 'cfg_from_args']
+__all__ = ['configure_cli', 'cfg_from_args']
 
 # %% ../nbs/61_train_cli.ipynb #56851574
-def parse_param(s: str) -> tuple:
-    "KEY=VALUE with VALUE as JSON, 'HxW' as [H, W], or a plain string."
-    k, eq, v = s.partition("=")
-    if not eq or not k: raise ConfigError(f"--param expects KEY=VALUE, got {s!r}")
-    if re.fullmatch(r"\d+x\d+", v): return k, [int(t) for t in v.split("x")]
-    try: return k, json.loads(v)
-    except json.JSONDecodeError: return k, v
+from .config import parse_kv as parse_param, add_cfg_arguments, cfg_from_args as _cfg_from_ns
+
+_FLAGS = {"dataset": "--data", "dataset_params": "--param", "out_dir": "--out"}   # short names users type
+_SKIP = ("method", "seeds")                                                      # positional / --seed|--seeds below
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("method", help="cfipt, coop, maple, linear-probe, zeroshot, cfipt-<ablation>, svm, rf, or package.module:factory")
-    p.add_argument("--data", required=True, help="dataset: built-in name, manifest YAML, or a Scene .npz")
-    p.add_argument("--root", default=None, help="dataset folder (file-based datasets)")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="generator dataset parameter, e.g. size=64x96 (repeatable)")
-    p.add_argument("--modalities", nargs="+", default=None, help="modalities to use, HSI first (default: all)")
-    p.add_argument("--backbone", default="rs-tiny", help="backbone name (rs-tiny, random:rs-tiny, local-dir:PATH, ...)")
-    p.add_argument("--shots", type=int, default=40, help="training pixels per class")
-    p.add_argument("--val-per-class", type=int, default=10, help="validation pixels per class, carved from the training pool")
-    p.add_argument("--pool", default="auto", choices=["auto", "official", "all"], help="training pool: official train split (auto when present) or all labelled pixels")
+    from rs_prompt_lab.experiment import PixelExpCfg
+    from rs_prompt_lab.methods import list_methods
+    p.add_argument("method", help="a pixel method: " + ", ".join(list_methods(task="pixel")) + ", or package.module:factory")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
     g.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds, e.g. 0 1 2")
-    p.add_argument("--epochs", type=int, default=20); p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3); p.add_argument("--patch-size", type=int, default=11, help="odd window size (1 for pixel sets)")
-    p.add_argument("--pca", type=int, default=None, help="svm/rf: PCA components of the HSI (fitted on training pixels)")
-    p.add_argument("--features", default="center", choices=["center", "patch"], help="svm/rf input")
-    p.add_argument("--max-test-pixels", type=int, default=None, help="evaluate on a seeded random subset of the test pixels (default: all)")
-    p.add_argument("--method-kw", action="append", default=[], metavar="KEY=VALUE", help="extra method argument (repeatable)")
-    p.add_argument("--out", default="runs", help="root of the run folders"); p.add_argument("--exp", default="pixel", help="experiment folder")
-    p.add_argument("--name", default=None, help="configuration folder name (default: derived)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 short epoch, <= 1000 test pixels")
-    p.add_argument("--device", default="auto"); p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_cfg_arguments(p, PixelExpCfg, flags=_FLAGS, skip=_SKIP)
+    p.add_argument("--pca", type=int, default=None, help="svm/rf: PCA components of the HSI (fitted on training pixels); same as --method-kw pca_components=N")
+    p.add_argument("--features", default=None, choices=["center", "patch"], help="svm/rf input; same as --method-kw features=...")
 
 def _classmap_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run folder runs/<exp>/<dataset>/<cfg>/seed<k> (or its configuration folder)")
@@ -63,11 +46,9 @@ def cfg_from_args(a: argparse.Namespace):
     "The PixelExpCfg of `rs-lab train` arguments."
     from rs_prompt_lab.experiment import PixelExpCfg
     seeds = a.seeds if a.seeds is not None else [a.seed if a.seed is not None else 0]
-    return PixelExpCfg(dataset=a.data, root=a.root, dataset_params=dict(map(parse_param, a.param)), modalities=a.modalities,
-                       method=a.method, method_kw=dict(map(parse_param, a.method_kw)), backbone=a.backbone, shots=a.shots,
-                       val_per_class=a.val_per_class, pool=a.pool, seeds=seeds, patch_size=a.patch_size, epochs=a.epochs, batch_size=a.batch_size,
-                       lr=a.lr, device=a.device, num_workers=a.num_workers, pca_components=a.pca, features=a.features,
-                       quick=a.quick, max_test_pixels=a.max_test_pixels, exp=a.exp, name=a.name, out_dir=Path(a.out), progress=not a.no_progress).check()
+    cfg = _cfg_from_ns(PixelExpCfg, a, method=a.method, seeds=seeds)
+    extra = {k: v for k, v in (("pca_components", a.pca), ("features", a.features)) if v is not None}
+    return cfg.replace(method_kw={**cfg.method_kw, **extra}).check()
 
 def _cli_train(a) -> int:
     from rs_prompt_lab.experiment import run_pixel_experiment

@@ -13,9 +13,10 @@ from tqdm.auto import tqdm
 from .core import DataError, ConfigError, get_logger, check_choice
 from .promptable import PromptableCLIP
 from .backbones import load_backbone, preprocess_images
+from .prompts.text import class_prompt  # the one place class names become words
 
 # %% auto #0
-__all__ = ['RS_TEMPLATES', 'TEMPLATE_SETS', 'class_prompt', 'zeroshot_head', 'zeroshot_logits', 'zeroshot_classify', 'accuracy',
+__all__ = ['RS_TEMPLATES', 'TEMPLATE_SETS', 'zeroshot_head', 'zeroshot_logits', 'zeroshot_classify', 'accuracy',
            'evaluate_zeroshot', 'configure_cli']
 
 # %% ../nbs/22_zeroshot.ipynb #389e5892
@@ -31,9 +32,6 @@ RS_TEMPLATES = [  # remote-sensing prompt templates; {} is the class name
 ]
 TEMPLATE_SETS = {"rs": RS_TEMPLATES, "plain": ["a photo of a {}."], "name": ["{}"]}  # --templates choices
 
-def class_prompt(name: str) -> str:
-    "A class name as words: underscores and hyphens become spaces ('dense_residential' -> 'dense residential')."
-    return " ".join(str(name).replace("_", " ").replace("-", " ").split())
 
 @torch.no_grad()
 def zeroshot_head(model: PromptableCLIP, # the backbone

@@ -58,3 +58,13 @@ def tiny_scene():
                  bands={"hsi": BandInfo(wavelengths=list(np.linspace(400, 1000, 8)), units="reflectance"),
                         "lidar": BandInfo(names=["dsm"], units="m")},
                  splits={"train": train & (labels > 0), "test": ~train & (labels > 0)}, name="tiny")
+
+
+@pytest.fixture(scope="session")
+def houston_maps(shared_data):
+    "The real Houston2013 official TR / VA label maps (349 x 1905 int32 each), read once per session."
+    import tifffile
+    d = shared_data / "houston2013"
+    tr = tifffile.imread(d / "2013_IEEE_GRSS_DF_Contest_Samples_TR.tif").astype(np.int32)
+    va = tifffile.imread(d / "2013_IEEE_GRSS_DF_Contest_Samples_VA.tif").astype(np.int32)
+    return tr, va

@@ -143,3 +143,94 @@ def test_cli_verify_bad_files(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr == ""
     st = {l.split("  ")[0].strip(): l for l in r.stdout.splitlines()[:-1]}
     assert "wrong checksum" in st and "missing" in st and "ok" in st
+
+
+# ---- rs-lab data verify looks inside the files (issue 10) --------------------------------------------------------
+
+def run_verify(y, d):
+    "(exit code, {key: status}, {key: line}, stderr) of `rs-lab data verify`."
+    r = subprocess.run([RS_LAB, "data", "verify", str(y), "--root", str(d)], capture_output=True, text=True)
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+    lines = r.stdout.splitlines()[:-1]
+    return r.returncode, {l[16:].split()[0]: l[:16].strip() for l in lines}, {l[16:].split()[0]: l for l in lines}, r.stderr
+
+
+def test_verify_ok_without_checksums(tmp_path):
+    y, d = make(tmp_path)
+    rc, st, _, _ = run_verify(y, d)
+    assert rc == 0 and st == {"hsi": "ok", "dsm": "ok", "gt": "ok"}
+
+
+@pytest.mark.parametrize("fmt", ["mat", "npy", "tif"])
+def test_verify_truncated_file(tmp_path, fmt):
+    "A cut-short file with no checksum in the manifest used to pass verify; now it is 'unreadable'."
+    x = np.random.default_rng(0).random((6, 5, 3)).astype(np.float32)
+    over = {"mat": None, "npy": {"path": "hsi.npy", "variable": None}, "tif": {"path": "hsi.tif", "variable": None}}[fmt]
+    y, d = make(tmp_path, hsi=x, over={"hsi": over} if over else None)
+    p = d / f"hsi.{fmt}"
+    if fmt == "npy": np.save(p, x)
+    if fmt == "tif": tifffile.imwrite(p, x, photometric="minisblack")
+    data = p.read_bytes(); p.write_bytes(data[: len(data) // (5 if fmt == "tif" else 2)])   # TIFF pixel data sits near the start
+    rc, st, line, _ = run_verify(y, d)
+    assert rc == 1 and st["hsi"] == "unreadable" and st["dsm"] == "ok", line
+    assert f"hsi.{fmt}" in line["hsi"] and ("truncated" in line["hsi"] or "corrupt" in line["hsi"]), line["hsi"]
+
+
+def test_verify_nan_file(tmp_path):
+    x = np.ones((6, 5, 3)); x[2, 1, 0] = np.nan; x[4, 4, 2] = np.inf
+    y, d = make(tmp_path, hsi=x)
+    rc, st, line, _ = run_verify(y, d)
+    assert rc == 1 and st["hsi"] == "not finite" and "2 NaN/inf values" in line["hsi"] and "nan_policy='mask'" in line["hsi"]
+    assert dict((k, s) for k, _, s in verify_dataset(y, d))["hsi"] == "not finite"
+
+
+def test_verify_wrong_shape_and_bands(tmp_path):
+    y, d = make(tmp_path, over={"hsi": {"shape": [6, 5, 144]}})
+    rc, st, line, _ = run_verify(y, d)
+    assert rc == 1 and st["hsi"] == "wrong shape" and "(6, 5, 3)" in line["hsi"] and "(6, 5, 144)" in line["hsi"]
+    y, d = make(tmp_path, hsi=np.zeros((6, 5, 4)))                      # no shape in the manifest, but bands: 3
+    rc, st, line, _ = run_verify(y, d)
+    assert rc == 1 and st["hsi"] == "wrong structure" and "has 4 bands, the manifest says 3" in line["hsi"]
+    y, d = make(tmp_path, dsm=np.zeros((6, 4)))                         # not on the grid of the label map
+    rc, st, line, _ = run_verify(y, d)
+    assert rc == 1 and st["dsm"] == "wrong structure" and "(6, 4) differs from (6, 5) of gt.tif" in line["dsm"]
+
+
+def test_verify_label_ids(tmp_path):
+    gt = np.zeros((6, 5), np.uint8); gt[0, 0] = 9
+    y, d = make(tmp_path, gt=gt)
+    rc, st, line, _ = run_verify(y, d)
+    assert rc == 1 and st["gt"] == "wrong structure" and "label ids [9]" in line["gt"]
+
+
+def test_verify_optional_missing_is_not_a_failure(tmp_path):
+    y, d = make(tmp_path, over={"dsm": {"optional": True}})
+    (d / "dsm.mat").unlink()
+    rc, st, line, _ = run_verify(y, d)
+    assert rc == 0 and st["dsm"] == "missing" and "optional, not needed to load" in line["dsm"]
+    assert [c.optional and not c.failed for c in verify_dataset(y, d) if c.key == "dsm"] == [True]
+    y, d = make(tmp_path)                                               # the same file, required
+    (d / "dsm.mat").unlink()
+    rc, st, line, _ = run_verify(y, d)
+    assert rc == 1 and st["dsm"] == "missing" and "optional, not needed" not in line["dsm"]
+    m = yaml.safe_load(y.read_text()); m["modalities"]["lidar"]["optional"] = True   # used only by an optional modality
+    y.write_text(yaml.safe_dump(m))
+    rc, st, _, _ = run_verify(y, d)
+    assert rc == 0 and st["dsm"] == "missing"
+
+
+def test_verify_pixel_set_order(tmp_path):
+    "A pixel set exported from MATLAB (F order) but declared C fails verify with the fix; declared F it passes."
+    gt = np.zeros((4, 5), np.uint8); gt[0, 3], gt[1, 1], gt[2, 0], gt[3, 3] = 1, 2, 3, 2
+    rc_ = np.argwhere(gt > 0); f = np.lexsort((rc_[:, 0], rc_[:, 1]))
+    d = tmp_path / "ps"; d.mkdir()
+    np.save(d / "x.npy", np.arange(4 * 2, dtype=np.float32).reshape(4, 2)[f]); np.save(d / "y.npy", gt[gt > 0][f])
+    tifffile.imwrite(d / "map.tif", gt)
+    m = {"name": "ps", "task": "pixel-set", "classes": ["a", "b", "c"], "files": {"x": "x.npy", "y": "y.npy", "map": "map.tif"},
+         "modalities": {"hsi": {"bands": 2}}, "pixel_sets": {"train": {"rows": {"hsi": "x"}, "labels": "y", "positions": "map"}}}
+    y = tmp_path / "ps.yaml"; y.write_text(yaml.safe_dump(m))
+    rc, st, line, _ = run_verify(y, d)
+    assert rc == 1 and st["y"] == "wrong structure" and "set `order: F` in pixel_sets.train of ps.yaml" in line["y"], line
+    m["pixel_sets"]["train"]["order"] = "F"; y.write_text(yaml.safe_dump(m))
+    rc, st, _, _ = run_verify(y, d)
+    assert rc == 0 and set(st.values()) == {"ok"}

@@ -112,7 +112,8 @@ def test_generator_mechanism(tmp_path, monkeypatch):
 def test_checksum_cache_avoids_rehashing(tmp_path, monkeypatch):
     d = tmp_path / "d"; d.mkdir(); (d / "a.bin").write_bytes(b"x" * 100)
     y = write_yaml(tmp_path / "c.yaml", {"name": "c", "task": "captions",
-                                         "files": {"a": {"path": "a.bin", "format": "txt", "size": 100, "sha256": sha256sum(d / "a.bin")}}})
+                                         "files": {"a": {"path": "a.bin", "format": "txt", "size": 100, "sha256": sha256sum(d / "a.bin")}},
+                                         "captions": {"splits": {"all": {"filenames": "a", "captions": "a"}}}})
     calls = []
     real = M.sha256sum
     monkeypatch.setattr(M, "sha256sum", lambda p, *a: calls.append(p) or real(p))
@@ -207,3 +208,73 @@ def test_demo_summary_never_crashes(tmp_path):
     assert "houston2013" in txt and "no dataset files found" in txt
     r = subprocess.run([RS_LAB, "demo", "--root", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 0 and "built-in dataset manifests" in r.stdout
+
+
+def _pixel_set(d, gt, order, name="ps"):
+    "Files and manifest of a 2-modality pixel set over map `gt`, rows written in `order` of its nonzero pixels."
+    rc = np.argwhere(gt > 0)
+    idx = np.arange(len(rc)) if order == "C" else np.lexsort((rc[:, 0], rc[:, 1]))
+    rng = np.random.default_rng(0)
+    hsi_c, lidar_c = rng.random((len(rc), 4)), rng.random((len(rc), 1))
+    d.mkdir(parents=True, exist_ok=True)
+    sio.savemat(d / "X.mat", {"X": hsi_c[idx]}); np.save(d / "L.npy", lidar_c[idx, 0])
+    sio.savemat(d / "y.mat", {"y": gt[tuple(rc[idx].T)][:, None]}); tifffile.imwrite(d / "map.tif", gt)
+    y = {"name": name, "task": "pixel-set", "classes": ["a", "b", "c"],
+         "files": {"x": {"path": "X.mat", "variable": "X"}, "l": "L.npy", "y": {"path": "y.mat", "variable": "y"}, "map": "map.tif"},
+         "modalities": {"hsi": {"bands": 4}, "lidar": {"bands": 1}},
+         "pixel_sets": {"train": {"rows": {"hsi": "x", "lidar": "l"}, "labels": "y", "positions": "map", "order": order}}}
+    return write_yaml(d / f"{name}.yaml", y), hsi_c, lidar_c
+
+
+def test_pixel_set_fortran_order(tmp_path):
+    "MATLAB's X(find(map)) lists rows in column-major order: `order: F` loads them to the same Scene as C-order rows."
+    gt = np.zeros((5, 6), np.uint8); gt[0, 4], gt[1, 1], gt[2, 0], gt[2, 5], gt[4, 1] = 1, 2, 3, 1, 3
+    yc, hsi, lidar = _pixel_set(tmp_path / "c", gt, "C")
+    yf, _, _ = _pixel_set(tmp_path / "f", gt, "F")
+    assert not np.array_equal(sio.loadmat(tmp_path / "c" / "X.mat")["X"], sio.loadmat(tmp_path / "f" / "X.mat")["X"])
+    sc, sf = load_dataset(yc, tmp_path / "c"), load_dataset(yf, tmp_path / "f")
+    for s in (sc, sf):
+        np.testing.assert_array_equal(s.modalities["hsi"][0], hsi.astype(np.float32))          # Scene keeps float32
+        np.testing.assert_array_equal(s.modalities["lidar"][0], lidar.astype(np.float32))
+        np.testing.assert_array_equal(s.meta["positions"], np.argwhere(gt > 0))
+        np.testing.assert_array_equal(gt[tuple(s.meta["positions"].T)], s.labels[0])        # every row on its own pixel
+    np.testing.assert_array_equal(sc.splits["train"], sf.splits["train"])
+    assert sc.meta["row_order"] == {"train": "C"} and sf.meta["row_order"] == {"train": "F"}
+    m = yaml.safe_load(yf.read_text()); m["pixel_sets"]["train"]["order"] = "C"; write_yaml(yf, m)   # F data declared C
+    with pytest.raises(DataError, match=r"not in C \(row-major, numpy\) order of this map \(they are in F .*set `order: F` in pixel_sets.train of ps.yaml"):
+        load_dataset(yf, tmp_path / "f")
+    m = yaml.safe_load(yc.read_text()); m["pixel_sets"]["train"]["order"] = "F"; write_yaml(yc, m)   # and C data declared F
+    with pytest.raises(DataError, match="set `order: C`"):
+        load_dataset(yc, tmp_path / "c")
+
+
+def test_pixel_set_labels_fit_no_order(tmp_path):
+    gt = np.zeros((3, 3), np.uint8); gt[0, 1], gt[1, 0], gt[2, 2] = 1, 2, 3
+    y, _, _ = _pixel_set(tmp_path, gt, "C")
+    sio.savemat(tmp_path / "y.mat", {"y": np.array([[3], [2], [1]])})
+    with pytest.raises(DataError, match="nor in the other order"):
+        load_dataset(y, tmp_path)
+
+
+@pytest.mark.realdata
+def test_houston_pixelset_in_fortran_order(shared_data, tmp_path):
+    "The real MDL-RS training set, re-exported the way MATLAB's find() would order it, loads to the same Scene."
+    from rs_prompt_lab.data.manifest import _order_index
+    ref = load_dataset("houston2013-pixelset", shared_data)
+    src = shared_data / "houston2013"
+    tr = tifffile.imread(src / "2013_IEEE_GRSS_DF_Contest_Samples_TR.tif")
+    f = _order_index(np.argwhere(tr > 0), "F")
+    for k, v in (("HSI_TrSet", "hsi"), ("LiDAR_TrSet", "lidar"), ("TrLabel", None)):
+        a = sio.loadmat(src / "mdl_rs_pixel_sets" / f"{k}.mat")[k]
+        np.save(tmp_path / f"{k}.npy", a[f])
+    (tmp_path / "TR.tif").write_bytes((src / "2013_IEEE_GRSS_DF_Contest_Samples_TR.tif").read_bytes())
+    m = yaml.safe_load((Path(M.manifest_dir()) / "houston2013-pixelset.yaml").read_text())
+    m["name"] = "houston-f"
+    m["files"] = {"hsi": "HSI_TrSet.npy", "lidar": "LiDAR_TrSet.npy", "y": "TrLabel.npy", "map": "TR.tif"}
+    m["pixel_sets"] = {"train": {"rows": {"hsi": "hsi", "lidar": "lidar"}, "labels": "y", "positions": "map", "order": "F"}}
+    s = load_dataset(write_yaml(tmp_path / "houston-f.yaml", m), tmp_path)
+    for k in ("hsi", "lidar"): np.testing.assert_array_equal(s.modalities[k], ref.modalities[k])
+    np.testing.assert_array_equal(s.labels, ref.labels); np.testing.assert_array_equal(s.meta["positions"], ref.meta["positions"])
+    m["pixel_sets"]["train"]["order"] = "C"
+    with pytest.raises(DataError, match="set `order: F`"):
+        load_dataset(write_yaml(tmp_path / "houston-f.yaml", m), tmp_path)

@@ -9,8 +9,8 @@ from torch import nn
 
 from rs_prompt_lab.core import ConfigError, DataError, load_json
 from rs_prompt_lab.data.scene import Scene
-from rs_prompt_lab.experiment import (PixelExpCfg, run_pixel_experiment, register_method, classmap_from_run, load_split_rc,
-                                      load_normalizers)
+from rs_prompt_lab.experiment import PixelExpCfg, run_pixel_experiment, classmap_from_run, load_split_rc, load_normalizers
+from rs_prompt_lab.methods import MethodEntry, register_method
 
 HERE = Path(__file__).resolve().parent
 
@@ -30,12 +30,12 @@ class StandIn(nn.Module):
         return nn.functional.cross_entropy(logits, batch["label"])
 
 
-def standin_method(name, backbone, class_names, bands, patch_size, **kw):
-    return StandIn(class_names, bands)
+def standin_method(backbone, spec, cfg):
+    "A registry factory: factory(backbone, spec, cfg)."
+    return StandIn(spec.class_names, spec.bands)
 
 
-# the real CF-IPT once rs_prompt_lab.methods exists; the stand-in (importable by path, also from a papermill kernel) until then
-DEEP = "cfipt" if importlib.util.find_spec("rs_prompt_lab.methods") else "test_experiment:standin_method"
+DEEP = "cfipt"
 
 
 def two_d_scene(H=10, W=12, seed=0):
@@ -62,7 +62,7 @@ def scene_npz(tmp_path_factory):
 # (a) runner: files, metrics, summary from the per-seed files, resume ------------------------------------------------
 
 def test_run_two_seeds_files_summary_and_resume(tmp_path):
-    register_method("standin", standin_method)
+    register_method(MethodEntry("standin", ("pixel",), standin_method), overwrite=True)
     scene = two_d_scene()
     cfg = PixelExpCfg(dataset="tiny2d", method="standin", backbone="random:rs-tiny", shots=8, val_per_class=4, seeds=[0, 1],
                       patch_size=3, epochs=3, lr=0.05, batch_size=8, out_dir=tmp_path, quick=True, progress=False)
@@ -123,7 +123,8 @@ def test_bad_configs_are_refused(tmp_path):
 @pytest.mark.parametrize("method", ["svm", "rf"])
 def test_classical_on_real_houston_pixels(shared_data, tmp_path, method):
     cfg = PixelExpCfg(dataset="houston2013-pixelset", root=str(shared_data / "houston2013"), method=method, shots=40,
-                      val_per_class=10, seeds=[0], patch_size=1, rf_trees=100, rf_max_features=["sqrt"], out_dir=tmp_path, progress=False)
+                      val_per_class=10, seeds=[0], patch_size=1, out_dir=tmp_path, progress=False,
+                      method_kw={"trees": 100, "max_features": ["sqrt"]} if method == "rf" else {})
     s = run_pixel_experiment(cfg)
     m = load_json(cfg.run_dir(0) / "metrics.json")
     assert m["n"] == 2832 - 15 * (40 + 10)                 # tested on the rest of the 2,832 real pixels
@@ -197,3 +198,15 @@ def test_cli_errors(tmp_path, scene_npz, capsys):
     assert main(["train", "svm", "--data", str(scene_npz / "pixset.npz"), "--patch-size", "3", "--out", str(out)]) == 2
     assert "use patch_size=1" in capsys.readouterr().err
     assert main(["train", "svm", "--data", "no-such-dataset", "--out", str(out)]) == 2
+
+
+def test_cocoop_through_the_registry(tmp_path):
+    "CoCoOp (new this wave) trains on the pixel task through the registry and the runner, with its PCA input fitted."
+    cfg = PixelExpCfg(dataset="tiny2d", method="cocoop", backbone="random:rs-tiny", shots=6, val_per_class=3, seeds=[0],
+                      patch_size=3, epochs=2, batch_size=6, out_dir=tmp_path, quick=True, progress=False, method_kw={"n_ctx": 2})
+    s = run_pixel_experiment(cfg, two_d_scene())
+    m = load_json(cfg.run_dir(0) / "metrics.json")
+    assert m["trainable_params"] > 0 and m["epochs_done"] == 1 and 0 <= m["oa"] <= 1
+    assert s["method"] == "cocoop" and "n_ctx" in load_json(cfg.run_dir(0) / "config.json")["cfg"]["method_kw"]
+    with pytest.raises(ConfigError, match="has no option 'n_cxt'"):
+        run_pixel_experiment(cfg.replace(method_kw={"n_cxt": 2}), two_d_scene())

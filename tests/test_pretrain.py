@@ -15,9 +15,38 @@ def test_quick_pretrain_beats_random_init(tmp_path):
     assert res["zeroshot_trained"] > res["zeroshot_random_init"], res
     assert res["zeroshot_trained"] > res["chance"], res
     assert {"cfg", "provenance", "architecture"} <= set(recipe)
+    assert recipe["trainer"]["cls"] == "rs_prompt_lab.train.Trainer" and recipe["loss"] == "open_clip.loss.ClipLoss"
     from rs_prompt_lab.backbones import load_backbone
     clip, info = load_backbone(f"local-dir:{out}")
     assert info["size"] == [64, 64] or tuple(info["size"]) == (64, 64)
+
+
+def test_trainer_based_pretraining_lowers_clip_loss(monkeypatch):
+    "pretrain_rs_tiny runs on the shared Trainer (whole CLIP trainable) and lowers open_clip's ClipLoss on a fixed batch."
+    import numpy as np, open_clip, torch
+    from rs_prompt_lab import pretrain as P
+    from rs_prompt_lab.core import seed_everything
+    from rs_prompt_lab.promptable import PromptableCLIP
+    from rs_prompt_lab.train import Trainer
+    seen, fit = [], Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: seen.append(self) or fit(self, *a, **k))
+    cfg = P.PretrainCfg(n_per_class=4, domains=("aerial-rgb",), steps=40, batch_size=32, warmup=5, eval_every=20, device="cpu")
+    r = P.pretrain_rs_tiny(cfg, progress=False)
+    (t,) = seen
+    assert isinstance(t.model, P.ContrastiveCLIP) and t.n_trainable == t.n_total and t.step == 40 and len(t.history) == 2
+    assert len(r["losses"]) == 40 and np.mean(r["losses"][-5:]) < np.mean(r["losses"][:5]) - 0.5, r["losses"]
+
+    from rs_prompt_lab.backbones import RS_TINY_CONFIG, RS_TINY_PREPROCESS, register_model_config
+    register_model_config("rs-tiny", RS_TINY_CONFIG)
+    info = RS_TINY_PREPROCESS
+    seed_everything(cfg.seed)  # the same random initialisation pretrain_rs_tiny started from
+    init = open_clip.create_model("rs-tiny", pretrained=None)
+    corpus = P.build_corpus(cfg, "train", open_clip.get_tokenizer("rs-tiny"), progress=False)
+    batch = next(iter(P.PairBatches(corpus, info, 32, 1, cfg.template_prob, seed=123)))
+    loss = P.ClipLossFn()
+    with torch.no_grad():
+        before, after = (loss(P.ContrastiveCLIP(PromptableCLIP(m.float(), freeze=False)).eval()(batch)).item() for m in (init, r["model"]))
+    assert after < before - 0.5, (before, after)
 
 
 def test_shipped_rs_tiny_loads_offline():

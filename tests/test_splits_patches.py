@@ -16,12 +16,9 @@ HOUSTON = {1: ("Healthy grass", 198, 1053), 2: ("Stressed grass", 190, 1064), 3:
 
 
 @pytest.fixture(scope="module")
-def houston(shared_data):
+def houston(houston_maps):
     "Scene from the real Houston2013 TR/VA maps (labels = TR + VA, a dummy 1-band modality)."
-    import tifffile
-    d = shared_data / "houston2013"
-    tr = tifffile.imread(d / "2013_IEEE_GRSS_DF_Contest_Samples_TR.tif").astype(np.int32)
-    va = tifffile.imread(d / "2013_IEEE_GRSS_DF_Contest_Samples_VA.tif").astype(np.int32)
+    tr, va = houston_maps
     assert tr.shape == va.shape == (349, 1905)
     assert not ((tr > 0) & (va > 0)).any()
     return Scene({"dummy": np.zeros(tr.shape + (1,), np.float32)}, tr + va, {i: v[0] for i, v in HOUSTON.items()},

@@ -184,6 +184,29 @@ def test_nonfinite_loss_is_reported():
         Trainer(m, bad, DL(ds, batch_size=16), cfg=cfg(epochs=1)).fit()
 
 
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_grad_clip_bounds_the_step(loaders, clip):
+    "One plain SGD step (lr 1, no momentum) moves the trainable weights by the clipped gradient norm; frozen ones stay."
+    m = Net()
+    ps = [p for p in m.parameters() if p.requires_grad]
+    before, frozen = [p.detach().clone() for p in ps], m.proj.weight.detach().clone()
+    Trainer(m, cross_entropy_loss(), loaders[0], cfg=cfg(epochs=1, steps_per_epoch=1, lr=1.0, warmup_epochs=0, optimizer="sgd",
+                                                        momentum=0.0, grad_clip=clip)).fit()
+    step = torch.cat([(p - b).flatten() for p, b in zip(ps, before)]).norm().item()
+    if clip is None: assert step > 10 * 1e-3, step
+    else: assert step == pytest.approx(clip, rel=1e-4)
+    assert torch.equal(m.proj.weight, frozen)
+
+
+def test_weight_decay_groups_with_sgd(loaders):
+    "SGD gets the same groups as AdamW: the head's weight decays, its bias does not."
+    m = Net()
+    t = Trainer(m, cross_entropy_loss(), loaders[0], cfg=cfg(optimizer="sgd", weight_decay=0.5))
+    assert [(g["weight_decay"], [id(p) for p in g["params"]]) for g in t.optimizer.param_groups] == \
+        [(0.5, [id(m.head.weight)]), (0.0, [id(m.head.bias)])]
+
+
 # ---------------------------------------------------------------- metrics
 def test_metrics_match_sklearn():
     rng = np.random.default_rng(0)

@@ -4,6 +4,7 @@
 
 # %% ../../nbs/33_cfipt.model.ipynb #8f94ba08
 from __future__ import annotations
+from dataclasses import dataclass, field, asdict
 from typing import Sequence
 import torch
 from torch import nn
@@ -11,99 +12,21 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from ..core import ConfigError, DataError, check_choice
 from ..promptable import PromptableCLIP
+from ..records import MethodOutput
+from ..losses import method_loss
+from ..inputs import PixelSpec, check_bands, check_patch_side, modality_inputs
+from ..prompts.text import class_list, class_prompt, cosine_logits, template_tokens, trim_tokens
 from .mfpg import MFPG
 from .iae import IAE, BilinearAdapter
 from .s2gpt import VTPICoupler, _exchange_block
 
 # %% auto #0
-__all__ = ['FUSION_TEMPLATE', 'class_list', 'check_bands', 'check_patch_size', 'modality_inputs', 'classification_loss',
-           'template_tokens', 'trim_tokens', 'CFIPT', 'VisionExchange']
+__all__ = ['FUSION_TEMPLATE', 'CFIPT', 'VisionExchange', 'CFIPTCfg', 'build_cfipt']
 
-# %% ../../nbs/33_cfipt.model.ipynb #c28b0da4
-def class_list(class_names) -> list:
-    "Class names as a list of strings (a `{id: name}` dict is ordered by id); empty, blank or repeated names raise."
-    names = [class_names[k] for k in sorted(class_names)] if isinstance(class_names, dict) else list(class_names or [])
-    if not names: raise ConfigError("no class names: pass the dataset's class names (list, or the scene's {id: name} dict)")
-    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
-    if bad: raise ConfigError(f"class name {bad[0]!r} is not a non-empty string")
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup: raise ConfigError(f"class name {dup[0]!r} appears more than once; class names must be unique")
-    return names
-
-def check_bands(bands: dict) -> dict:
-    "`{modality: n_bands}` in insertion order (the first is the HSI); every count must be a positive int."
-    if not isinstance(bands, dict) or not bands:
-        raise ConfigError(f"bands must be a non-empty dict {{modality: n_bands}} (first = HSI), got {bands!r}")
-    for m, c in bands.items():
-        if not isinstance(m, str) or isinstance(c, bool) or not isinstance(c, int) or c < 1:
-            raise ConfigError(f"bands[{m!r}] = {c!r}: band counts must be integers >= 1")
-    if any(m in ("label", "rc") for m in bands): raise ConfigError("modality names 'label' and 'rc' clash with batch keys")
-    return dict(bands)
-
-def check_patch_size(patch_size: int, max_patch: int = 13) -> int:
-    "An odd patch side in 1..max_patch, else ConfigError."
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1 or patch_size % 2 == 0:
-        raise ConfigError(f"patch_size must be an odd integer >= 1 (the labelled pixel is the centre), got {patch_size!r}")
-    if patch_size > max_patch:
-        raise ConfigError(f"patch_size {patch_size} is larger than the {max_patch} allowed (odd sizes 1..{max_patch}); "
-                          "choose a smaller patch or pass max_patch=")
-    return patch_size
-
-# %% ../../nbs/33_cfipt.model.ipynb #a8f23eb6
-def modality_inputs(batch: dict, # {modality: (B, C, p, p), ...} (other keys are ignored)
-                    bands: dict, # {modality: n_bands} the method was built for
-                    patch_size: int, # p the method was built for
-                    names: Sequence | None = None, # modalities to return (default: all of `bands`)
-                   ) -> list:
-    "The modality tensors of `batch` as float `(B, C, p, p)`, checked against the bands and patch size."
-    if not isinstance(batch, dict): raise DataError(f"a batch must be a dict {{modality: tensor, 'label': ...}}, got {type(batch).__name__}")
-    out = []
-    for m in (names or list(bands)):
-        if m not in batch: raise DataError(f"the batch has no {m!r} tensor (keys: {sorted(batch)}); the model was built for modalities {list(bands)}")
-        x = torch.as_tensor(batch[m])
-        if x.ndim != 4 or x.shape[1] != bands[m]:
-            raise DataError(f"{m!r} has shape {tuple(x.shape)} but the model was built for (B, {bands[m]}, p, p) "
-                            f"({bands[m]} bands; all: {bands}); build the method with the data's band counts")
-        if tuple(x.shape[2:]) != (patch_size, patch_size):
-            raise DataError(f"{m!r} patches are {tuple(x.shape[2:])} but the model was built for patch_size={patch_size}")
-        out.append(x.float() if not x.is_floating_point() else x)
-    if len({x.shape[0] for x in out}) > 1: raise DataError(f"modalities have different batch sizes {[x.shape[0] for x in out]}")
-    return out
-
-def classification_loss(logits: torch.Tensor, # (B, K)
-                        batch: dict, # with 'label' (B,) 0-based class indices
-                        label_key: str = "label",
-                       ) -> torch.Tensor:
-    "Cross-entropy of `logits` against `batch[label_key]`, with labels checked against K."
-    y = batch.get(label_key) if isinstance(batch, dict) else None
-    if y is None: raise DataError(f"the batch has no {label_key!r}: the loss needs 0-based class labels")
-    y = torch.as_tensor(y, device=logits.device).long()
-    K = logits.shape[-1]
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= K):
-        raise DataError(f"label {int(y.min()) if int(y.min()) < 0 else int(y.max())} is outside 0..{K - 1}: "
-                        f"the data has classes the model was not built for")
-    return F.cross_entropy(logits.float(), y)
-
-# %% ../../nbs/33_cfipt.model.ipynb #20f8370e
+# %% ../../nbs/33_cfipt.model.ipynb #215947f3
 FUSION_TEMPLATE = "multisource fusion patch of {}"  # the words after the learnable context (the context replaces 'a')
 
-def template_tokens(clip: PromptableCLIP, # the backbone
-                    class_names: Sequence[str], # K class names
-                    n_ctx: int, # context tokens (placeholders after SOS)
-                    template: str = FUSION_TEMPLATE, # words after the context, with one {} for the class
-                   ) -> torch.Tensor:
-    "Token ids `(K, L)` of `'X x n_ctx + template.format(class) + .'`."
-    if template.count("{}") != 1: raise ConfigError(f"template {template!r} must contain exactly one '{{}}'")
-    words = [template.format(" ".join(c.replace("_", " ").replace("-", " ").split())) for c in class_names]
-    return clip.prompt_tokens(words, n_ctx)
-
-def trim_tokens(clip: PromptableCLIP, tokens: torch.Tensor) -> torch.Tensor:
-    "Cut `(K, L)` token rows after the last end-of-text position when the text tower is causal (outputs unchanged)."
-    m = clip.model
-    if m.attn_mask is None or m.text_pool_type not in ("argmax", "eos"): return tokens
-    return tokens[:, : int(clip.eot_index(tokens).max()) + 1]
-
-# %% ../../nbs/33_cfipt.model.ipynb #2ef381ec
+# %% ../../nbs/33_cfipt.model.ipynb #07abd43d
 class CFIPT(nn.Module):
     "CF-IPT on a frozen PromptableCLIP: MFPG -> IAE -> prompted image tower; V-TPI-coupled deep text prompts; cosine logits."
     def __init__(self, clip: PromptableCLIP, # the frozen backbone
@@ -127,13 +50,13 @@ class CFIPT(nn.Module):
                  **block_kwargs, # S2GPT / TransformerExchange options (d_state, heads, ...)
                 ):
         super().__init__()
-        self.clip, self.class_names = clip, class_list(class_names)
-        self.bands, self.patch_size = check_bands(bands), check_patch_size(patch_size, max_patch)
+        self.clip, self._class_names = clip, class_list(class_names)
+        self.bands, self.patch_size = check_bands(bands), check_patch_side(patch_size, max_patch)
         self.adapter_kind, self.fusion = check_choice(adapter, ("iae", "bilinear"), "adapter"), check_choice(fusion, ("amff", "concat"), "fusion")
         self.prompts, self.prompt_side = check_choice(prompts, ("s2", "ones"), "prompts"), check_choice(prompt_side, ("both", "vision"), "prompt side")
         self.interaction = check_choice(interaction, ("s2gpt", "transformer", "none"), "interaction")
         self.single_source = check_choice(single_source, ("self", "zeros"), "single_source")
-        self.per_image, self.trd_weight, self.n_ctx = per_image, trd_weight, n_ctx
+        self.per_image, self.trd_weight, self.n_ctx, self.template = per_image, trd_weight, n_ctx, template
         mods = list(self.bands); self.hsi, self.aux = mods[0], mods[1:]
         C = self.bands[self.hsi]
         D = sum(self.bands[m] for m in self.aux) if self.aux else (C if single_source == "self" else 1)
@@ -164,19 +87,39 @@ class VisionExchange(nn.Module):
         if self.interaction == "none": return P
         return P + self.up(self.blocks[layer](self.down(P), p_sp, p_sa))
 
-# %% ../../nbs/33_cfipt.model.ipynb #60bb3037
+# %% ../../nbs/33_cfipt.model.ipynb #9472a6a7
 @patch
 def _build_text(self: CFIPT, template: str, coupler_width: int, block_kwargs: dict):
     clip = self.clip
     if self.prompt_side == "both":
-        toks = template_tokens(clip, self.class_names, self.n_ctx, template)
         self.text_prompts = nn.Parameter(torch.randn(self.depth, self.n_ctx, clip.text_width) * 0.02)
         self.coupler = VTPICoupler(clip.vision_width, clip.text_width, self.depth, coupler_width, self.interaction, **block_kwargs)
-    else:
-        toks = clip.tokenize([f"a {template.format(c.replace('_', ' '))}." for c in self.class_names])
-        self.coupler = VisionExchange(clip.vision_width, self.depth, coupler_width, self.interaction, **block_kwargs)
+    else: self.coupler = VisionExchange(clip.vision_width, self.depth, coupler_width, self.interaction, **block_kwargs)
+    self._tokenize()
+
+@patch
+def _tokenize(self: CFIPT):
+    "The (K, L) token buffer: learnable-context prompts, or the hand-written template for the vision-only ablation."
+    clip = self.clip
+    if self.prompt_side == "both": toks = template_tokens(clip, self._class_names, self.n_ctx, self.template)
+    else: toks = clip.tokenize([f"a {self.template.format(class_prompt(c))}." for c in self._class_names])
     self.register_buffer("tokens", trim_tokens(clip, toks), persistent=False)   # (K, L)
     self._text_cache = None
+
+@patch(as_prop=True)
+def class_names(self: CFIPT) -> list: return list(self._class_names)
+
+@patch
+def set_class_names(self: CFIPT, class_names) -> CFIPT:
+    "Score another class set with the same learned prompts (the prompts never depend on the class)."
+    self._class_names = class_list(class_names)
+    self._tokenize()
+    return self
+
+@patch(as_prop=True)
+def loss_weights(self: CFIPT) -> dict:
+    "The terms `losses.method_loss` adds to the cross-entropy."
+    return {"text_diversity": self.trd_weight}
 
 @patch(as_prop=True)
 def text_depends_on_image(self: CFIPT) -> bool:
@@ -222,10 +165,10 @@ def text_features(self: CFIPT, text_prompts: list | None) -> torch.Tensor:
     x = emb if B == 1 else emb.expand(B, *emb.shape)                          # (K, L, D) | (B, K, L, D)
     return clip.encode_text_embeddings(x, eot, deep_prompts=[_shared(p) for p in text_prompts], normalize=True)
 
-# %% ../../nbs/33_cfipt.model.ipynb #f3295dcb
+# %% ../../nbs/33_cfipt.model.ipynb #2b94daab
 @patch
-def forward(self: CFIPT, batch: dict) -> torch.Tensor:
-    "Logits `(B, K)` for a batch `{modality: (B, C, p, p), ...}`."
+def forward(self: CFIPT, batch: dict) -> MethodOutput:
+    "MethodOutput for a batch `{modality: (B, C, p, p), ...}`: logits (B, K); text/image features, p_sp, p_sa."
     xs = modality_inputs(batch, self.bands, self.patch_size)
     xh = xs[0]
     xa = torch.cat(xs[1:], 1) if self.aux else (xh if self.single_source == "self" else xh.new_zeros(xh.shape[0], 1, *xh.shape[2:]))
@@ -236,18 +179,13 @@ def forward(self: CFIPT, batch: dict) -> torch.Tensor:
     pv, pt = self.couple(p_sp, p_sa)
     img = self.clip.encode_image(image, deep_prompts=[_shared(p) for p in pv], normalize=True)  # (B, E)
     txt = self._text_cache if cached else self.text_features(pt)              # (K, E) | (B, K, E)
-    self.last_text_features = txt
-    s = self.clip.logit_scale
-    return s * (img @ txt.T if txt.ndim == 2 else torch.einsum("be,bke->bk", img, txt))
+    extras = {"text_features": txt, "image_features": img, "p_sp": m["p_sp"], "p_sa": m["p_sa"]}
+    return MethodOutput(cosine_logits(img, txt, self.clip.logit_scale), extras)
 
 @patch
-def loss(self: CFIPT, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    "CE over the cosine logits + trd_weight * mean|S_T - I| (S_T: class text-text cosines of the last forward)."
-    ce = classification_loss(logits, batch)
-    t = getattr(self, "last_text_features", None)
-    if t is None or self.trd_weight == 0: return ce
-    S = t.float() @ t.float().transpose(-1, -2)                              # (K, K) | (B, K, K)
-    return ce + self.trd_weight * (S - torch.eye(S.shape[-1], device=S.device)).abs().mean()
+def loss(self: CFIPT, outputs: MethodOutput, batch: dict) -> torch.Tensor:
+    "CE over the cosine logits + trd_weight * mean|S_T - I| on the output's text features (`losses.method_loss`)."
+    return method_loss(outputs, batch, self)
 
 @patch
 def prepare_inference(self: CFIPT):
@@ -264,3 +202,30 @@ def _dummy(self: CFIPT) -> tuple:
     "A zero input pair of batch 1 (only used to get constant prompt matrices)."
     z = self.vision_prompts.new_zeros
     return z(1, self.mfpg.hsi_bands, self.patch_size, self.patch_size), z(1, self.mfpg.aux_bands, self.patch_size, self.patch_size)
+
+# %% ../../nbs/33_cfipt.model.ipynb #e8d6d279
+@dataclass
+class CFIPTCfg:
+    "CF-IPT options (see `CFIPT` for their meaning); the ablations fix some of them."
+    n_ctx: int = 4                 # text prompt tokens per layer (layer 0: the learnable context)
+    n_vision_prompts: int = 4      # vision prompt tokens per layer
+    depth: int | None = None       # prompted layers (None: all layers both towers have)
+    adapter: str = "iae"           # 'iae' | 'bilinear'
+    fusion: str = "amff"           # 'amff' | 'concat'
+    prompts: str = "s2"            # 's2' | 'ones'
+    prompt_side: str = "both"      # 'both' | 'vision'
+    interaction: str = "s2gpt"     # 's2gpt' | 'transformer' | 'none'
+    mfpg_width: int = 64           # F: fused width
+    qk_width: int = 32             # w of IS2PG's queries/keys
+    coupler_width: int = 64        # w of the V-TPI exchange
+    per_image: bool = True         # per-sample prompt matrices through S2GPT
+    single_source: str = "self"    # HSI only: 'self' | 'zeros'
+    template: str = FUSION_TEMPLATE  # words after the context
+    trd_weight: float = 0.02       # weight of the text-diversity term
+    block: dict = field(default_factory=dict)  # S2GPT / TransformerExchange options (d_state, expand, heads ...)
+
+def build_cfipt(backbone: PromptableCLIP, spec: PixelSpec, cfg: CFIPTCfg) -> CFIPT:
+    "The registry's factory: CF-IPT for this pixel spec and configuration."
+    kw = asdict(cfg); block = kw.pop("block")
+    try: return CFIPT(backbone, spec.class_names, spec.bands, spec.patch_size, max_patch=spec.max_patch, **kw, **block)
+    except TypeError as e: raise ConfigError(f"cfipt: bad exchange-block option in block={block} ({e})") from None

@@ -218,8 +218,8 @@ def couple_all(self: VTPICoupler, vision_prompts: list, # per layer (B or 1, L_v
 
 # %% ../../nbs/32_cfipt.s2gpt.ipynb #b06da73b
 def count_params(m: nn.Module) -> int:
-    "Number of trainable parameters of a module (`train.count_parameters`'s first count)."
-    from rs_prompt_lab.train import count_parameters
+    "Number of trainable parameters of a module (`core.count_parameters`'s first count)."
+    from rs_prompt_lab.core import count_parameters
     return count_parameters(m)[0]
 
 def cfipt_budget(hsi_bands: int, aux_bands: int, # C, D: bands of the two modalities

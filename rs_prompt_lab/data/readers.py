@@ -6,13 +6,13 @@
 from __future__ import annotations
 import bz2, csv, gzip, io, json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 import numpy as np
 from ..core import DataError, check_choice
 
 # %% auto #0
-__all__ = ['FORMATS', 'mat_version', 'read_mat', 'read_tif', 'read_npy', 'read_lines', 'read_json', 'read_jsonl', 'read_csv',
-           'read_file']
+__all__ = ['FORMATS', 'ARRAY_FORMATS', 'mat_version', 'read_mat', 'read_tif', 'read_npy', 'read_lines', 'read_json', 'read_jsonl',
+           'read_csv', 'read_file', 'ArrayInfo', 'scan_array']
 
 # %% ../../nbs/12a_data.readers.ipynb #26918967
 FORMATS = ("mat", "mat-v5", "mat-v73", "tif", "npy", "npz", "json", "jsonl", "txt", "csv", "folder")
@@ -151,3 +151,59 @@ def read_file(path: str | Path, # the file
     path = Path(path)
     if not path.is_dir(): _fail(path, "folder not found")
     return path
+
+# %% ../../nbs/12a_data.readers.ipynb #c5a7c195
+ARRAY_FORMATS = ("mat", "mat-v5", "mat-v73", "tif", "npy", "npz")
+
+class ArrayInfo(NamedTuple):
+    "What `scan_array` learns about an array file."
+    shape: tuple      # in the order `read_file` returns (MATLAB's for .mat)
+    dtype: np.dtype
+    nonfinite: int    # number of NaN/inf values (0 for integer arrays)
+
+def _count_nonfinite(x, step_bytes: int = 1 << 26) -> int:
+    "NaN/inf count of an array-like (ndarray, memmap, h5py dataset), read in slabs along its first axis."
+    dt = np.dtype(x.dtype)
+    if not (np.issubdtype(dt, np.floating) or np.issubdtype(dt, np.complexfloating)): return 0
+    if len(x.shape) == 0: return int(not np.isfinite(x[()]))
+    step = max(1, step_bytes // max(1, int(np.prod(x.shape[1:], dtype=np.int64)) * dt.itemsize))
+    return sum(int(np.count_nonzero(~np.isfinite(x[i:i + step]))) for i in range(0, x.shape[0], step))
+
+def _scan_v73(path: Path, variable: str) -> ArrayInfo:
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            node = f
+            for part in variable.split("."):
+                if part not in node: _fail(path, f"wrong variable name {variable!r}; it has: {', '.join(k for k in f.keys() if not k.startswith('#')) or 'nothing'}")
+                node = node[part]
+            if not isinstance(node, h5py.Dataset): _fail(path, f"{variable!r} is a struct or group, not an array")
+            return ArrayInfo(tuple(node.shape[::-1]), node.dtype, _count_nonfinite(node))   # MATLAB's axis order
+    except DataError: raise
+    except Exception as e: _fail(path, "not a readable MATLAB v7.3 (HDF5) file (truncated or corrupt?)", e)
+
+# %% ../../nbs/12a_data.readers.ipynb #afb608a1
+def _memmap(path: Path, format: str):
+    "A read-only memory map of an uncompressed .npy or TIFF, or None when the file cannot be mapped."
+    try:
+        if format == "npy":
+            x = np.load(path, mmap_mode="r", allow_pickle=False)
+            return x if isinstance(x, np.ndarray) else None
+        import tifffile
+        return tifffile.memmap(str(path), mode="r")
+    except Exception: return None
+
+def scan_array(path: str | Path, # an array file
+               format: str, # one of ARRAY_FORMATS
+               variable: str | None = None, # variable inside .mat / .npz
+              ) -> ArrayInfo:
+    "Shape, dtype and NaN/inf count of an array file, memory-mapped (npy, tif) or read in blocks (v7.3) where possible."
+    check_choice(format, ARRAY_FORMATS, "array format")
+    path = _exists(path)
+    if format.startswith("mat") and not variable: _fail(path, "no variable name given; set `variable:` in the manifest's file entry")
+    if format == "mat": format = mat_version(path)
+    if format == "mat-v73": return _scan_v73(path, variable)
+    x = _memmap(path, format) if format in ("npy", "tif") else None
+    if x is None: x = np.asarray(read_file(path, format, variable))     # unmappable: read whole (errors are DataErrors)
+    try: return ArrayInfo(tuple(x.shape), np.dtype(x.dtype), _count_nonfinite(x))
+    except Exception as e: _fail(path, "cannot read the array data (truncated or corrupt?)", e)
