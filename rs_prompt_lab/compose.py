@@ -97,7 +97,8 @@ class LinearProbeCLIP(nn.Module):
                           "retrain it, or use a prompt learner (coop, cocoop, maple) for new classes")
 
     def forward(self, batch) -> MethodOutput:
-        with torch.no_grad(): f = self.clip.encode_image(self.input(batch), normalize=True) * self.clip.logit_scale
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.input.parameters())   # a trainable input needs the tower's autograd
+        with torch.set_grad_enabled(grad): f = self.clip.encode_image(self.input(batch), normalize=True) * self.clip.logit_scale
         return MethodOutput(self.head(f), {"image_features": f})
 
     def loss(self, outputs, batch: dict) -> torch.Tensor: return method_loss(outputs, batch, self)

@@ -63,10 +63,18 @@ def parse_kv(s: str) -> tuple:
     try: return k, json.loads(v)
     except json.JSONDecodeError: return k, v
 
+def _scalar(text: str):
+    "A command-line value for a field typed with several scalar types (int | str ...): int, else float, else the string."
+    for t in (int, float):
+        try: return t(text)
+        except ValueError: pass
+    return text
+
 def _base_type(tp):
-    "The non-None type of an annotation (int | None -> int)."
+    "The non-None type of an annotation (int | None -> int; int | str -> the parser `_scalar`)."
+    if not (typing.get_origin(tp) in (typing.Union,) or str(typing.get_origin(tp)) == "<class 'types.UnionType'>"): return tp
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if typing.get_origin(tp) in (typing.Union,) or str(typing.get_origin(tp)) == "<class 'types.UnionType'>" else tp
+    return args[0] if len(args) == 1 else _scalar
 
 # %% ../nbs/01_config.ipynb #ddfa1505
 def add_cfg_arguments(parser: argparse.ArgumentParser, cls: type, # a dataclass
@@ -90,14 +98,16 @@ def add_cfg_arguments(parser: argparse.ArgumentParser, cls: type, # a dataclass
             parser.add_argument(opt, nargs="+", type=el if el in (int, float) else None, **kw)
         elif tp is dict or typing.get_origin(tp) is dict:
             parser.add_argument(opt, action="append", metavar="KEY=VALUE", **{**kw, "default": None})
-        else: parser.add_argument(opt, type=tp if tp in (int, float, str) else str, **kw)
+        else: parser.add_argument(opt, type=tp if tp in (int, float, str, _scalar) else str, **kw)
 
-def cfg_from_args(cls: type, ns: argparse.Namespace, **overrides):
+def cfg_from_args(cls: type, ns: argparse.Namespace, flags: dict | None = None, **overrides):
     "The config `cls` from a namespace built by `add_cfg_arguments` (missing fields keep their defaults)."
-    hints, vals = get_type_hints(cls), {}
+    hints, vals, flags = get_type_hints(cls), {}, flags or {}
     for f in fields(cls):
         if f.name not in vars(ns): continue
         v, tp = getattr(ns, f.name), _base_type(hints.get(f.name, str))
-        if (tp is dict or typing.get_origin(tp) is dict): v = dict(map(parse_kv, v)) if v is not None else (f.default_factory() if f.default_factory is not dataclasses.MISSING else {})
+        if (tp is dict or typing.get_origin(tp) is dict):
+            try: v = dict(map(parse_kv, v)) if v is not None else (f.default_factory() if f.default_factory is not dataclasses.MISSING else {})
+            except ConfigError as e: raise ConfigError(f"{flags.get(f.name, '--' + f.name.replace('_', '-'))}: {e}") from None
         vals[f.name] = _coerce(hints.get(f.name, typing.Any), v, f.name)
     return cls(**{**vals, **overrides})

@@ -12,8 +12,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['RSLabError', 'DataError', 'ConfigError', 'suggest', 'check_choice', 'get_logger', 'seed_everything', 'get_device',
-           'atomic_path', 'atomic_write', 'to_jsonable', 'save_json', 'load_json', 'record', 'sha256sum', 'git_commit',
-           'provenance', 'trainable_parameters', 'count_parameters']
+           'write_error', 'atomic_path', 'atomic_write', 'to_jsonable', 'save_json', 'load_json', 'record', 'sha256sum',
+           'git_commit', 'provenance', 'trainable_parameters', 'count_parameters']
 
 # %% ../nbs/00_core.ipynb #c7496b65
 class RSLabError(ValueError):
@@ -95,20 +95,35 @@ def _umask() -> int:
     "The process umask (read without changing it for more than an instant)."
     m = os.umask(0); os.umask(m); return m
 
+def write_error(path: str | Path, e: BaseException) -> "RSLabError":
+    "The one-line error of a failed write to `path`: the reason, the free space, and that the old file is intact."
+    import shutil
+    path = Path(path)
+    try: free = f"{shutil.disk_usage(next(p for p in [path.parent, *path.parents] if p.exists())).free / 2**20:.1f} MiB free"
+    except (OSError, StopIteration): free = "free space unknown"
+    kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return RSLabError(f"{path}: could not write ({msg}; {free} in {path.parent}); {kept}, nothing else was changed; "
+                      "free space or make the folder writable (or write elsewhere), then rerun")
+
 @contextmanager
 def atomic_path(path: str | Path, # final destination
                 suffix: str | None = None, # temp-file suffix (some writers need the extension)
                ) -> Iterator[Path]:
-    "Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."
+    "Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds (a failed write raises `write_error`)."
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix if suffix is not None else path.suffix, dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix if suffix is not None else path.suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as e: raise write_error(path, e) from None
     tmp = Path(tmp)
     try:
-        yield tmp
-        if tmp.exists(): os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            if tmp.exists(): os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+            os.replace(tmp, path)
+        except OSError as e: raise write_error(path, e) from None   # a full disk, a read-only folder: one line, old file kept
     finally:
         if tmp.exists(): tmp.unlink()
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/44_experiment.ipynb #8d645ce7
 from __future__ import annotations
-import re, time
+import hashlib, itertools, math, re, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -21,13 +21,14 @@ from .losses import method_loss
 from .inputs import PixelSpec, fit_inputs
 from .methods import get_entry, method_config, create_method
 from .classical import pixel_features
-from .runner import run_seeds, check_same, summarize_runs, collect_summaries, results_table
+from .runner import (run_seeds, check_same, summarize_runs, collect_summaries, results_table, test_set_checks,
+                                  warnings_of, save_training_curve)
 
 # %% auto #0
-__all__ = ['log', 'PixelExpCfg', 'select_modalities', 'check_pixel_scene', 'load_scene', 'make_split', 'fit_normalizers',
-           'save_normalizers', 'load_normalizers', 'save_split', 'load_split_rc', 'scene_spec', 'build_method',
-           'run_seed', 'summarize', 'format_summary', 'run_pixel_experiment', 'find_run_dir', 'load_run_model',
-           'classmap_from_run']
+__all__ = ['log', 'PixelExpCfg', 'check_backbone_name', 'select_modalities', 'check_pixel_scene', 'load_scene', 'make_split',
+           'fit_normalizers', 'save_normalizers', 'load_normalizers', 'save_split', 'load_split_rc', 'scene_spec',
+           'build_method', 'budget_points', 'data_fingerprint', 'check_resumable', 'run_seed', 'summarize',
+           'format_summary', 'run_pixel_experiment', 'find_run_dir', 'load_run_model', 'classmap_from_run']
 
 # %% ../nbs/44_experiment.ipynb #0ddcb6ee
 @dataclass
@@ -49,7 +50,11 @@ class PixelExpCfg(Cfg):
     block_size: int | None = None            # block side in pixels for split_mode='blocks' (None: the splitter's default)
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # one run per seed (split draw and initialisation)
     patch_size: int = 11                     # odd window size p (1 for pixel sets)
-    epochs: int = 20                         # training epochs (deep methods)
+    epochs: int = 20                         # training epochs (deep methods; see steps and budget)
+    steps: int | None = None                 # optimiser steps in total, rounded up to whole epochs (overrides epochs)
+    budget: str = "cfg"                      # 'cfg': epochs/steps/lr as set here; 'method': the steps and lr of the method's registry entry
+    select: dict = field(default_factory=dict)  # validation grid over lr / steps / epochs / weight_decay, e.g. {'lr': [1e-3, 3e-3]}: best val OA is kept
+    test_split: str | None = None            # official split map to test on (default: 'test' when the scene has one, else every other labelled pixel)
     batch_size: int = 64                     # training batch size
     lr: float = 2e-3                         # peak learning rate (AdamW, cosine schedule)
     weight_decay: float = 0.0                # AdamW weight decay
@@ -70,6 +75,11 @@ class PixelExpCfg(Cfg):
 def _slug(s) -> str:
     "A folder-safe version of `s`."
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(s)).strip("_") or "x"
+
+def _short_hash(d: dict) -> str:
+    "6 hex digits of a JSON-able dict (sorted keys)."
+    import json
+    return hashlib.blake2b(json.dumps(d, sort_keys=True, default=str).encode(), digest_size=3).hexdigest()
 
 def _int(v, name: str, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo: raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -93,11 +103,34 @@ def check(self: PixelExpCfg) -> PixelExpCfg:
     for s in self.seeds: _int(s, "every seed", 0)
     if len(set(self.seeds)) != len(self.seeds): raise ConfigError(f"seeds repeat: {self.seeds}")
     if self.max_test_pixels is not None: _int(self.max_test_pixels, "max_test_pixels", 1)
-    if not self.lr > 0: raise ConfigError(f"lr must be > 0, got {self.lr}")
+    if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0): raise ConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
+    if self.steps is not None: _int(self.steps, "steps", 1)
+    check_choice(self.budget, ["cfg", "method"], "training budget")
+    bad = [k for k in self.select if k not in _GRID_KEYS]
+    if bad: raise ConfigError(f"select can search {', '.join(_GRID_KEYS)}, not {bad[0]!r}")
+    for k, v in self.select.items():
+        if not isinstance(v, (list, tuple)) or not v: raise ConfigError(f"select[{k!r}] must be a non-empty list of values, got {v!r}")
+    get_device(self.device)                          # an unknown device or missing CUDA fails before any data is read
+    if get_entry(self.method).backbone: check_backbone_name(self.backbone)
     if not self.method: raise ConfigError("method is empty")
     if "pixel" not in get_entry(self.method).tasks: raise ConfigError(f"method {self.method!r} does not serve pixel data")
     method_config(self.method, **self.method_kw)   # unknown or contradicting options fail here, before any data is read
     return self
+
+_GRID_KEYS = ("lr", "steps", "epochs", "weight_decay")   # what `select` may search on validation
+
+def check_backbone_name(name: str) -> str:
+    "A backbone name that load_backbone can resolve, with its weights present, else one line saying how to fix it."
+    from rs_prompt_lab.backbones import BACKBONES, WeightsError, find_weights, list_backbones, _how_to
+    name = str(name)
+    if name.startswith("random:"): return name
+    if name.startswith("local-dir:"):
+        d = Path(name[len("local-dir:"):]).expanduser()
+        if not (d/"open_clip_config.json").exists(): raise ConfigError(f"backbone {name!r}: {d} has no open_clip_config.json (a folder written by save_backbone_dir)")
+        return name
+    e = BACKBONES[check_choice(name, list_backbones(), "backbone (or local-dir:PATH, random:MODEL)")]
+    if find_weights(name) is None: raise WeightsError(_how_to(e))
+    return name
 
 @patch(as_prop=True)
 def method_cfg(self: PixelExpCfg):
@@ -120,7 +153,12 @@ def cfg_name(self: PixelExpCfg) -> str:
         mc = self.method_cfg
         n = f"{self.method}-k{self.shots}" + (f"-pca{mc.pca_components}" if mc.pca_components else "")
         n += f"-patch{self.patch_size}" if mc.features == "patch" else ""
-    else: n = f"{self.method.split(':')[-1]}-{self.backbone}-k{self.shots}-p{self.patch_size}"
+    else:
+        n = f"{self.method.split(':')[-1]}-{self.backbone}-k{self.shots}-p{self.patch_size}"
+        n += f"-kw{_short_hash(self.method_kw)}" if self.method_kw else ""       # method options never share a folder
+        n += f"-s{self.steps}" if self.steps else ""
+        n += "-mbudget" if self.budget == "method" else ""
+        n += f"-sel{_short_hash(self.select)}" if self.select else ""
     n += f"-pool{self.pool}" if self.pool != "auto" else ""
     n += f"-guard{self.guard}" if self.guard not in (0, "0") else ""
     n += f"-blocks{self.block_size or ''}" if self.split_mode == "blocks" else ""
@@ -182,7 +220,9 @@ def make_split(scene: Scene, cfg: PixelExpCfg, seed: int) -> Split:
     if cfg.pool == "official" and "train" not in scene.splits:
         raise DataError(f"scene {scene.name!r} has no official 'train' split; use pool='all' (draw from every labelled pixel)")
     pool = "train" if cfg.pool != "all" and "train" in scene.splits else None
-    test = "test" if pool and "test" in scene.splits else "rest"
+    test = cfg.test_split or ("test" if pool and "test" in scene.splits else "rest")
+    if test != "rest" and test not in scene.splits:
+        raise DataError(f"scene {scene.name!r} has no split {test!r} to test on; it has {', '.join(scene.splits) or 'none'}")
     if cfg.split_mode == "blocks" and test != "rest": raise ConfigError("split_mode='blocks' assigns whole blocks to test: use pool='all'")
     return few_shot_split(scene, cfg.shots, seed, cfg.val_per_class, pool=pool, test=test, policy=cfg.policy,
                           guard=cfg.guard, patch_size=cfg.patch_size, mode=cfg.split_mode, block_size=cfg.block_size)
@@ -254,26 +294,51 @@ def _cap(rc: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     return rc[np.sort(np.random.default_rng([seed, 20250]).choice(len(rc), n, replace=False))]
 
 # %% ../nbs/44_experiment.ipynb #be3f352f
+def budget_points(cfg: PixelExpCfg, eff: dict) -> list:
+    "The training settings to try, [{lr, steps, epochs, weight_decay}]: the configured (or the method's) budget, times the `select` grid."
+    e = get_entry(cfg.method)
+    base = {"lr": cfg.lr, "steps": cfg.steps, "epochs": eff["epochs"], "weight_decay": cfg.weight_decay}
+    if cfg.budget == "method":
+        if not e.budget: raise ConfigError(f"method {cfg.method!r} has no registry budget; use budget='cfg' with epochs/steps/lr")
+        base.update(lr=e.budget.get("lr", cfg.lr), steps=e.budget.get("steps", cfg.steps))
+    grid = [dict(zip(cfg.select, vals)) for vals in itertools.product(*cfg.select.values())] if cfg.select else [{}]
+    pts = [{**base, **g} for g in grid]
+    if cfg.quick: pts = [dict(p, steps=None, epochs=1) for p in pts]
+    return pts
+
+def _train_point(cfg: PixelExpCfg, model, train, val, pt: dict, seed: int, out_dir: Path, eff: dict):
+    "Train `model` with the settings `pt` into out_dir (resuming from its last.pt); the Trainer and a record of the point."
+    from rs_prompt_lab.train import TrainCfg, Trainer
+    spe = min(eff["max_steps"], len(train)) if eff["max_steps"] else len(train)
+    epochs = max(1, math.ceil(pt["steps"] / spe)) if pt.get("steps") else pt["epochs"]
+    tc = TrainCfg(epochs=epochs, lr=pt["lr"], weight_decay=pt["weight_decay"], batch_size=cfg.batch_size, warmup_epochs=min(cfg.warmup_epochs, epochs - 1),
+                  amp=cfg.amp, device=cfg.device, seed=seed, out_dir=out_dir, num_workers=cfg.num_workers,
+                  steps_per_epoch=spe if eff["max_steps"] else None, progress=cfg.progress)
+    tr = Trainer(model, method_loss, train if cfg.num_workers == 0 else train.dataloader(cfg.num_workers), val, tc)
+    t0 = time.time(); tr.fit(resume=(out_dir/"last.pt").exists())
+    save_training_curve(tr.history, out_dir/"curve.png", f"{cfg.cfg_name} seed {seed}: lr {pt['lr']:g}, {epochs * spe} steps", tr.best_epoch)
+    return tr, {**pt, "epochs": epochs, "steps": epochs * spe, "best_epoch": tr.best_epoch, "best_val_oa": tr.best_score,
+                "epochs_done": tr.epoch, "train_seconds": round(time.time() - t0, 3)}
+
 def _run_deep(scene: Scene, split: Split, cfg: PixelExpCfg, seed: int, rd: Path, eff: dict, norms: dict, test_rc) -> dict:
-    "Train with validation selection, then predict the test pixels once."
-    from rs_prompt_lab.train import TrainCfg, Trainer, count_parameters, predict
+    "Train every budget point with validation selection, keep the best on validation, then predict the test pixels once."
+    from rs_prompt_lab.train import count_parameters, predict
     S = lambda rc, bs, sh: PatchSampler(scene, rc, cfg.patch_size, bs, shuffle=sh, seed=seed, to_torch=True, normalizers=norms)
     train = S(split.train, cfg.batch_size, True)
     val = S(split.val, cfg.eval_batch_size, False) if len(split.val) else None
-    model = build_method(cfg, scene, seed, split.train, norms)
-    n_tr, n_tot = count_parameters(model)
-    out = {"trainable_params": n_tr, "total_params": n_tot}
-    device = get_device(cfg.device)
-    if n_tr:
-        steps = min(eff["max_steps"], len(train)) if eff["max_steps"] else None
-        tc = TrainCfg(epochs=eff["epochs"], lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, warmup_epochs=min(cfg.warmup_epochs, eff["epochs"] - 1),
-                      amp=cfg.amp, device=cfg.device, seed=seed, out_dir=rd/"train", num_workers=cfg.num_workers, steps_per_epoch=steps, progress=cfg.progress)
-        loader = train if cfg.num_workers == 0 else train.dataloader(cfg.num_workers)
-        tr = Trainer(model, method_loss, loader, val, tc)
-        t0 = time.time(); tr.fit(resume=(rd/"train"/"last.pt").exists())
-        out.update(best_epoch=tr.best_epoch, best_val_oa=tr.best_score, epochs_done=tr.epoch, train_seconds=round(time.time() - t0, 3))
-        device = tr.device
-    else: log.info(f"{cfg.method} has no trainable parameters: evaluation only")
+    pts, best, grid = budget_points(cfg, eff), None, []
+    if len(pts) > 1 and val is None: raise ConfigError("select needs validation pixels to choose on (val_per_class >= 1); the test set is never used")
+    for i, pt in enumerate(pts):
+        model = build_method(cfg, scene, seed, split.train, norms)
+        n_tr, n_tot = count_parameters(model)
+        out, device = {"trainable_params": n_tr, "total_params": n_tot}, get_device(cfg.device)
+        if not n_tr: log.info(f"{cfg.method} has no trainable parameters: evaluation only"); best = (model, out, device, 0); break
+        tr, rec = _train_point(cfg, model, train, val, pt, seed, rd/"train" if len(pts) == 1 else rd/"train"/f"grid{i}", eff)
+        grid.append(rec)
+        if best is None or (rec["best_val_oa"] or 0) > (best[1].get("best_val_oa") or 0): best = (model, dict(out, **rec), tr.device, i)
+        else: del model, tr
+    model, out, device, chosen = best
+    if len(grid) > 1: out["selection"] = {"selected_on": "validation OA", "grid": grid, "chosen": chosen}
     model.to(device).eval()
     t0 = time.time()
     if hasattr(model, "prepare_inference"):
@@ -293,6 +358,26 @@ def _run_classical(model, scene: Scene, split: Split, cfg: PixelExpCfg, seed: in
                 test_seconds=round(time.time() - t1, 3), y_true=lab(test_rc), y_pred=pred)
 
 # %% ../nbs/44_experiment.ipynb #3c311fd5
+def data_fingerprint(scene: Scene) -> str:
+    "A short hash of the scene's values (every modality and the labels): regenerated data never passes for the old."
+    h = hashlib.blake2b(digest_size=8)
+    for k in sorted(scene.modalities):
+        x = np.ascontiguousarray(scene.modalities[k]); h.update(f"{k}{x.shape}{x.dtype}".encode()); h.update(memoryview(x).cast("B"))
+    if scene.labels is not None: h.update(np.ascontiguousarray(scene.labels).tobytes())
+    return h.hexdigest()
+
+def check_resumable(rd: Path, split_hash: str, data_hash: str) -> None:
+    "Refuse to continue an interrupted seed whose data or split differ from what its config.json recorded."
+    p = Path(rd)/"config.json"
+    if not p.exists(): return
+    old = load_json(p)
+    was_split, was_data = old.get("split", {}).get("hash"), old.get("dataset", {}).get("data_hash")
+    if was_data is not None and was_data != data_hash or was_split is not None and was_split != split_hash:
+        what = "data" if was_data is not None and was_data != data_hash else "split"
+        raise ConfigError(f"{rd} holds an interrupted run on other {what} ({what} hash {was_data if what == 'data' else was_split} -> "
+                          f"{data_hash if what == 'data' else split_hash}): the dataset changed since it started; delete {rd} to start "
+                          "this seed again, or give this run another --name / --out")
+
 def run_seed(scene: Scene, cfg: PixelExpCfg, seed: int) -> dict:
     "Split, normalise, train/fit, test once; write config.json, split, normalizers.json and (last) metrics.json. Returns the metrics."
     eff, rd = cfg.effective(), cfg.run_dir(seed)
@@ -303,11 +388,13 @@ def run_seed(scene: Scene, cfg: PixelExpCfg, seed: int) -> dict:
         hsi = next(iter(scene.modalities))
         scene, _ = pca_reduce(scene, hsi, cfg.method_cfg.pca_components, fit_mask=split.mask("train", scene.shape), seed=seed)
     norms = fit_normalizers(scene, split.train, cfg.normalise)
+    data_hash = data_fingerprint(scene)
+    check_resumable(rd, split.hash(), data_hash)   # an interrupted seed resumes only on the same data and split
     rd.mkdir(parents=True, exist_ok=True)
     sfile = save_split(split, rd); save_normalizers(norms, rd/"normalizers.json")
     test_rc = _cap(split.test, eff["max_test_pixels"], seed)
     info = {"name": scene.name, "shape": list(scene.shape), "bands": {k: scene.n_bands(k) for k in scene.modalities},
-            "class_names": scene.class_names}
+            "class_names": scene.class_names, "data_hash": data_hash}
     sp = {"file": sfile.name, "hash": split.hash(), "kind": split.kind, "k": split.k, "counts": split.counts,
           "fingerprint": split.fingerprint, "pool": split.meta.get("pool"), "test": split.meta.get("test"), "n_test_evaluated": len(test_rc),
           "mode": split.mode, "guard": split.guard, "guard_removed": split.meta.get("guard_removed", 0),
@@ -316,8 +403,10 @@ def run_seed(scene: Scene, cfg: PixelExpCfg, seed: int) -> dict:
     log.info(f"{cfg.cfg_name} seed {seed}: {split!r}, testing on {len(test_rc)} pixels")
     if classical: res = _run_classical(build_method(cfg, scene, seed), scene, split, cfg, seed, eff, norms, test_rc)
     else: res = _run_deep(scene, split, cfg, seed, rd, eff, norms, test_rc)
-    rep = classification_report_dict(res.pop("y_true"), res.pop("y_pred"), scene.class_names)
-    m = {"method": cfg.method, "dataset": cfg.dataset_name, "seed": seed, "split_hash": split.hash(), "quick": cfg.quick, **rep, **res}
+    yt, yp = res.pop("y_true"), res.pop("y_pred")
+    rep = classification_report_dict(yt, yp, scene.class_names)
+    m = {"method": cfg.method, "dataset": cfg.dataset_name, "seed": seed, "split_hash": split.hash(), "quick": cfg.quick, **rep,
+         **test_set_checks(yt, yp, scene.class_names), **res}
     save_json(m, rd/"metrics.json")
     return m
 
@@ -328,7 +417,7 @@ def summarize(cfg: PixelExpCfg) -> dict:
     if not runs: raise DataError(f"{cfg.cfg_dir}: no finished seed (no seed*/metrics.json) to summarise")
     s = {"exp": cfg.exp, "dataset": cfg.dataset_name, "cfg_name": cfg.cfg_name, "method": cfg.method,
          "backbone": cfg.backbone if get_entry(cfg.method).backbone else None, "shots": cfg.shots, "patch_size": cfg.patch_size,
-         "quick": cfg.quick, **summarize_runs(runs, keys=("oa", "aa", "kappa", "per_class"))}
+         "quick": cfg.quick, **summarize_runs(runs, keys=("oa", "aa", "kappa", "per_class")), "warnings": warnings_of(runs)}
     s["table"] = format_summary(s)
     save_json(s, cfg.cfg_dir/"summary.json")
     return s
@@ -340,7 +429,7 @@ def format_summary(s: dict) -> str:
            f"{s['n_seeds']} seed(s) {', '.join(map(str, s['seeds']))}" + (" [QUICK]" if s.get("quick") else "")
     rows = [("OA", m["oa"]), ("AA", m["aa"]), ("kappa x100", m["kappa"])] + [(k[len("per_class."):], v) for k, v in m.items() if k.startswith("per_class.")]
     w = max(len(r[0]) for r in rows)
-    return "\n".join([head, f"  {'metric':<{w}}  mean ± std (%)"] + [f"  {n:<{w}}  {format_mean_std(v)}" for n, v in rows])
+    return "\n".join([head, f"  {'metric':<{w}}  mean ± std (%)"] + [f"  {n:<{w}}  {format_mean_std(v)}" for n, v in rows] + s.get("warnings", []))
 
 def run_pixel_experiment(cfg: PixelExpCfg, # the experiment
                          scene: Scene | None = None, # the scene already in memory (default: load_scene(cfg))
@@ -373,7 +462,7 @@ def load_run_model(rd: Path, cfg: PixelExpCfg, seed: int, scene: Scene) -> torch
         load_trainable_state(model, load_checkpoint(ck)["trainable"], str(ck))
     return model
 
-# %% ../nbs/44_experiment.ipynb #9986a757
+# %% ../nbs/44_experiment.ipynb #6df736a1
 def classmap_from_run(run_dir, # a seed folder (or a configuration folder: its lowest seed)
                       out=None, # PNG path (default: run_dir/classmap.png); the .npy goes beside it
                       device: str = "auto", # where to run the model
@@ -384,6 +473,8 @@ def classmap_from_run(run_dir, # a seed folder (or a configuration folder: its l
     "Whole-scene class map of a trained run: {'pred', 'figure', 'png', 'npy', 'test_oa'}."
     from rs_prompt_lab.classmap import predict_scene, render_classmap, save_classmap
     rd = find_run_dir(run_dir)
+    png = Path(out) if out is not None else rd/"classmap.png"
+    if png.suffix.lower() != ".png": raise ConfigError(f"{png}: the class map is written as PNG; give a .png file name")  # before any inference
     c = load_json(rd/"config.json")
     cfg, seed = PixelExpCfg.from_dict(c["cfg"]), int(c["seed"])
     shape = c.get("dataset", {}).get("shape", [0, 0])
@@ -394,11 +485,12 @@ def classmap_from_run(run_dir, # a seed folder (or a configuration folder: its l
     if root is not None: cfg = cfg.replace(root=root)
     scene = load_scene(cfg)
     if list(scene.shape) != list(shape): raise DataError(f"{cfg.dataset}: the scene is {scene.shape} but the run was trained on {tuple(shape)}")
+    bands, was = {k: scene.n_bands(k) for k in scene.modalities}, c.get("dataset", {}).get("bands")
+    if was is not None and bands != was:
+        raise DataError(f"{cfg.dataset}: the data has bands {bands} but the run at {rd} was trained on {was}; point --root at the data it was trained on")
     model = load_run_model(rd, cfg, seed, scene)
     pred = predict_scene(model, scene, cfg.patch_size, batch_size or cfg.eval_batch_size, device,
                          normalizers=load_normalizers(rd/"normalizers.json"), progress=progress, amp=cfg.amp)
-    png = Path(out) if out is not None else rd/"classmap.png"
-    if png.suffix.lower() != ".png": raise ConfigError(f"{png}: the class map is written as PNG; give a .png file name")
     fig = render_classmap(pred, scene.class_names, gt=scene.labels, path=png, title=f"{cfg.method} ({cfg.backbone}), {cfg.dataset_name}, seed {seed}")
     npy = save_classmap(pred, png.with_suffix(".npy"))
     te = load_split_rc(rd)["test"]

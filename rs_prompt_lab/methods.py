@@ -25,6 +25,7 @@ class MethodEntry:
     note: str = ""                             # one line for listings
     trains: bool = True                        # False: evaluation only (zero-shot)
     backbone: bool = True                      # False: no CLIP backbone (scikit-learn methods)
+    budget: dict = field(default_factory=dict) # default training budget {'steps': N, 'lr': x} (experiment budget='method')
 
     def cfg_class(self) -> type: return _attr(self.cfg) if isinstance(self.cfg, str) else self.cfg
     def factory_fn(self): return _attr(self.factory) if isinstance(self.factory, str) else self.factory
@@ -46,8 +47,12 @@ def _attr(path: str):
 _CF, _BL, _CL = "rs_prompt_lab.cfipt.model", "rs_prompt_lab.baselines", "rs_prompt_lab.classical"
 _PX, _ANY = ("pixel",), ("pixel", "scene")
 
+_PROMPT_BUDGET = {"steps": 1000, "lr": 2e-3}   # shared context through a frozen text tower trains slowly (CoOp: 200 epochs)
+_CF_BUDGET = {"steps": 300, "lr": 2e-3}        # CF-IPT's input encoder and per-layer prompts converge in fewer steps
+_LP_BUDGET = {"steps": 500, "lr": 2e-3}
+
 def _cf(name: str, fixed: dict, note: str) -> MethodEntry:
-    return MethodEntry(name, _PX, f"{_CF}:build_cfipt", f"{_CF}:CFIPTCfg", fixed, note)
+    return MethodEntry(name, _PX, f"{_CF}:build_cfipt", f"{_CF}:CFIPTCfg", fixed, note, budget=_CF_BUDGET)
 
 METHODS = {e.name: e for e in [
     _cf("cfipt", {}, "CF-IPT: MFPG + IAE + deep vision/text prompts coupled by S2GPT"),
@@ -57,10 +62,20 @@ METHODS = {e.name: e for e in [
     _cf("cfipt-vision-only", {"prompt_side": "vision"}, "ablation: vision prompts only"),
     _cf("cfipt-no-interaction", {"interaction": "none"}, "ablation: no vision-text prompt interaction"),
     _cf("cfipt-transformer", {"interaction": "transformer"}, "ablation: Transformer instead of S2GPT"),
-    MethodEntry("coop", _ANY, f"{_BL}:build_coop", f"{_BL}:CoOpCfg", {}, "CoOp: learnable text context (pixels: PCA-3 image)"),
-    MethodEntry("cocoop", _ANY, f"{_BL}:build_cocoop", f"{_BL}:CoCoOpCfg", {}, "CoCoOp: context + image-conditioned meta-net (pixels: PCA-3 image)"),
-    MethodEntry("maple", _ANY, f"{_BL}:build_maple", f"{_BL}:MaPLeCfg", {}, "MaPLe-style deep text prompts projected to vision prompts (pixels: PCA-3 image)"),
-    MethodEntry("linear-probe", _ANY, f"{_BL}:build_linear_probe", f"{_BL}:LinearProbeCfg", {}, "linear classifier on frozen image features (pixels: PCA-3 image)"),
+    _cf("cfipt-paper", {"coupler_width": 80, "block": {"expand": 2, "d_state": 16, "d_conv": 4, "dt_rank": 5}}, "CF-IPT at the paper's budget: Mamba reference block (expand 2, d_state 16, d_conv 4) at exchange width 80 (1.14 M at ViT-B/16)"),
+    _cf("cfipt-no-rownorm", {"row_normalize": False}, "interpretive: prompt matrices applied as a plain product (no row normalisation)"),
+    _cf("cfipt-pooled-gate", {"channel_attention": "pooled"}, "interpretive: AMFF channel gate sigma(GAP + GMP), no CBAM MLP"),
+    _cf("cfipt-amff-full", {"amff_input": "full"}, "interpretive: AMFF on the C + D channels, no 1x1 projection first"),
+    _cf("cfipt-iae-gelu", {"iae_last_act": True}, "interpretive: GELU after the last IAE stage too"),
+    _cf("cfipt-forward-scan", {"scan_direction": "forward"}, "interpretive: causal (forward-only) S2GPT scan"),
+    MethodEntry("coop", _ANY, f"{_BL}:build_coop", f"{_BL}:CoOpCfg", {}, "CoOp: learnable text context (pixels: PCA-3 image)", budget=_PROMPT_BUDGET),
+    MethodEntry("cocoop", _ANY, f"{_BL}:build_cocoop", f"{_BL}:CoCoOpCfg", {}, "CoCoOp: context + image-conditioned meta-net (pixels: PCA-3 image)", budget=_PROMPT_BUDGET),
+    MethodEntry("maple", _ANY, f"{_BL}:build_maple", f"{_BL}:MaPLeCfg", {}, "MaPLe-style deep text prompts projected to vision prompts (pixels: PCA-3 image)", budget=_PROMPT_BUDGET),
+    MethodEntry("linear-probe", _ANY, f"{_BL}:build_linear_probe", f"{_BL}:LinearProbeCfg", {}, "linear classifier on frozen image features (pixels: PCA-3 image)", budget=_LP_BUDGET),
+    MethodEntry("coop-full", _PX, f"{_BL}:build_coop", f"{_BL}:CoOpCfg", {"input": "projection"}, "CoOp on every band of every modality (learned 1x1 projection, PCA-initialised)", budget=_PROMPT_BUDGET),
+    MethodEntry("cocoop-full", _PX, f"{_BL}:build_cocoop", f"{_BL}:CoCoOpCfg", {"input": "projection"}, "CoCoOp on every band of every modality (learned 1x1 projection, PCA-initialised)", budget=_PROMPT_BUDGET),
+    MethodEntry("maple-full", _PX, f"{_BL}:build_maple", f"{_BL}:MaPLeCfg", {"input": "projection"}, "MaPLe-style prompts on every band of every modality (learned 1x1 projection, PCA-initialised)", budget=_PROMPT_BUDGET),
+    MethodEntry("linear-probe-full", _PX, f"{_BL}:build_linear_probe", f"{_BL}:LinearProbeCfg", {"input": "projection"}, "linear probe + learned 1x1 projection of every band of every modality (PCA-initialised)", budget=_LP_BUDGET),
     MethodEntry("zeroshot", _ANY, f"{_BL}:build_zeroshot", f"{_BL}:ZeroShotCfg", {}, "zero-shot CLIP, RS templates (pixels: PCA-3 image; nothing trains)", trains=False),
     MethodEntry("svm", _PX, f"{_CL}:build_svm", f"{_CL}:SVMCfg", {}, "RBF SVM on every band of the centre pixel, C/gamma on validation", backbone=False),
     MethodEntry("rf", _PX, f"{_CL}:build_rf", f"{_CL}:RFCfg", {}, "random forest on every band of the centre pixel, max_features on validation", backbone=False),

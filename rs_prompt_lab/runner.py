@@ -4,15 +4,17 @@
 
 # %% ../nbs/43_runner.ipynb #2c4aad37
 from __future__ import annotations
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
+import numpy as np
 from tqdm.auto import tqdm
 from .core import ConfigError, DataError, get_logger, load_json, save_json
 from .metrics import aggregate_seeds, format_mean_std, compare_to_reference, format_difference
 
 # %% auto #0
-__all__ = ['log', 'NOT_RESULT', 'result_cfg', 'check_same', 'run_seeds', 'summarize_runs', 'collect_summaries', 'results_table',
-           'differences_table']
+__all__ = ['log', 'NOT_RESULT', 'result_cfg', 'check_same', 'seed_lock', 'run_seeds', 'summarize_runs', 'test_set_checks',
+           'warnings_of', 'save_training_curve', 'collect_summaries', 'results_table', 'differences_table']
 
 # %% ../nbs/43_runner.ipynb #8ff55efb
 log = get_logger(__name__)
@@ -32,17 +34,37 @@ def check_same(cfg, run_dir: Path) -> None:
     if diff: raise ConfigError(f"{run_dir} holds a run with different settings ({', '.join(f'{k}: {old.get(k)!r} -> {new[k]!r}' for k in diff[:3])}); "
                                "pass another name/out_dir or delete the folder")
 
+@contextmanager
+def seed_lock(run_dir: Path):
+    "Hold an exclusive lock on a seed folder (filelock); a second writer is refused at once with one line."
+    from filelock import FileLock, Timeout
+    run_dir = Path(run_dir)
+    made = not run_dir.parent.exists()
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = run_dir.parent/f".{run_dir.name}.lock"
+    lock = FileLock(str(path))
+    try: lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"{run_dir} is being written by another run right now (lock {path}); wait for it to finish, "
+                          "or give this run another --name / --out") from None
+    try: yield run_dir
+    finally:
+        lock.release()
+        path.unlink(missing_ok=True)
+        if made and not any(run_dir.parent.iterdir()): run_dir.parent.rmdir()   # a refused first seed leaves nothing behind
+
 def run_seeds(cfg, # a protocol config: seeds, run_dir(seed), to_dict()
               run_one: Callable, # run_one(seed) -> metrics dict; writes run_dir(seed)/metrics.json last
               progress: bool = True, # a bar over the seeds
              ) -> list:
-    "Run every unfinished seed; return the seeds that ran now."
+    "Run every unfinished seed (each under its folder's lock); return the seeds that ran now."
     ran = []
     for seed in tqdm(cfg.seeds, desc=getattr(cfg, "cfg_name", "seeds"), unit="seed", disable=not progress or len(cfg.seeds) == 1):
         rd = cfg.run_dir(seed)
-        check_same(cfg, rd)
-        if (rd/"metrics.json").exists(): log.info(f"{rd}: finished already (metrics.json), skipped"); continue
-        run_one(seed); ran.append(seed)
+        with seed_lock(rd):
+            check_same(cfg, rd)
+            if (rd/"metrics.json").exists(): log.info(f"{rd}: finished already (metrics.json), skipped"); continue
+            run_one(seed); ran.append(seed)
     return ran
 
 # %% ../nbs/43_runner.ipynb #7bd19119
@@ -62,6 +84,54 @@ def summarize_runs(runs: Sequence[dict], # metrics.json of each finished seed
     heads = [k for k in (keys or []) if not isinstance(runs[0].get(k), dict)]
     out["per_seed"] = {str(r.get("seed")): {k: r[k] for k in heads if k in r} for r in runs}
     return out
+
+# %% ../nbs/43_runner.ipynb #c8cbe85f
+def test_set_checks(y_true: np.ndarray, y_pred: np.ndarray, # class ids of the evaluated test samples
+                    class_names: dict, # {id: name} of every class of the data
+                    collapse_share: float = 0.9, # one class above this share of predictions: collapsed
+                   ) -> dict:
+    "{'n_test': {name: n}, 'missing_test_classes': [...], 'degenerate': {...}} with a warning logged for each finding."
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    n_test = {n: int((y_true == i).sum()) for i, n in sorted(class_names.items())}
+    missing = [n for n, c in n_test.items() if c == 0]
+    K = len(class_names)
+    ids, counts = np.unique(y_pred, return_counts=True) if len(y_pred) else (np.array([0]), np.array([0]))
+    top, share = int(ids[counts.argmax()]), float(counts.max() / max(len(y_pred), 1))
+    oa = float((y_true == y_pred).mean()) if len(y_true) else 0.0
+    deg = {"top_class": class_names.get(top, str(top)), "top_share": share, "collapsed": share > collapse_share,
+           "near_chance": oa < 1.5 / K, "chance": 1.0 / K}
+    if missing: log.warning(f"no test pixels for class(es) {', '.join(missing)}: they are left out of per-class accuracy and AA")
+    if deg["collapsed"]: log.warning(f"degenerate predictions: {100 * share:.1f}% of test samples predicted as {deg['top_class']!r}")
+    if deg["near_chance"]: log.warning(f"accuracy {100 * oa:.1f}% is near chance ({100 / K:.1f}% for {K} classes)")
+    return {"n_test": n_test, "missing_test_classes": missing, "degenerate": deg}
+
+def warnings_of(runs: Sequence[dict]) -> list:
+    "One line per kind of finding over the seeds' metrics (empty when every seed looks sound)."
+    out = []
+    miss = sorted({c for r in runs for c in r.get("missing_test_classes", [])})
+    if miss: out.append(f"WARNING: no test pixels for {', '.join(miss)} in some seed(s): AA and per-class accuracy leave them out")
+    col = [str(r.get("seed")) for r in runs if r.get("degenerate", {}).get("collapsed")]
+    if col: out.append(f"WARNING: collapsed predictions (one class > 90% of test samples) in seed(s) {', '.join(col)}")
+    ch = [str(r.get("seed")) for r in runs if r.get("degenerate", {}).get("near_chance")]
+    if ch: out.append(f"WARNING: accuracy near chance in seed(s) {', '.join(ch)}")
+    return out
+
+# %% ../nbs/43_runner.ipynb #65b34fae
+def save_training_curve(history: Sequence[dict], # the Trainer's per-epoch rows (train_loss, val_loss, val_oa ...)
+                        path, # PNG to write
+                        title: str = "", best_epoch: int | None = None) -> Path:
+    "Training loss and validation accuracy per epoch as a PNG (written atomically)."
+    from matplotlib.figure import Figure
+    from rs_prompt_lab.core import atomic_path
+    ep = [r["epoch"] for r in history]
+    fig = Figure(figsize=(6, 3.2)); ax = fig.add_subplot(111)
+    ax.plot(ep, [r.get("train_loss") for r in history], "o-", label="train loss"); ax.set_xlabel("epoch"); ax.set_ylabel("training loss")
+    if any("val_oa" in r for r in history):
+        a2 = ax.twinx(); a2.plot(ep, [r.get("val_oa") for r in history], "s-", color="C1"); a2.set_ylabel("validation OA"); a2.set_ylim(0, 1)
+    if best_epoch: ax.axvline(best_epoch, color="grey", ls="--", lw=1)
+    ax.set_title(title, fontsize=9); fig.tight_layout()
+    with atomic_path(path) as tmp: fig.savefig(tmp, format="png", dpi=90)
+    return Path(path)
 
 # %% ../nbs/43_runner.ipynb #55dfb7bf
 def collect_summaries(folder) -> list:

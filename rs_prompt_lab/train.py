@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from .core import (ConfigError, DataError, RSLabError, atomic_path, check_choice, get_device,
-                                get_logger, provenance, record, save_json, seed_everything)
+                                get_logger, provenance, record, save_json, seed_everything, write_error)
 from .config import Cfg
 from .records import logits_of
 
@@ -331,17 +331,26 @@ def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
 
+def _first_line(e: BaseException) -> str:
+    "The first line of an exception's message (the message may be empty)."
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
 def save_checkpoint(obj: dict, path: str | Path) -> Path:
-    "torch.save `obj` to `path` atomically."
-    with atomic_path(path) as tmp: torch.save(obj, tmp)
-    return Path(path)
+    "torch.save `obj` to `path` atomically: a failed write (full disk, read-only folder) leaves the previous file intact."
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp: torch.save(obj, tmp)
+    except RuntimeError as e: raise write_error(path, e) from None   # torch reports a full disk as RuntimeError ('... unexpected pos ...')
+    return path
 
 def load_checkpoint(path: str | Path) -> dict:
     "torch.load a trainer checkpoint (weights_only), with an error naming the file."
     path = Path(path)
     if not path.exists(): raise DataError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the checkpoint is empty (0 bytes; the usual leftover of a full disk or a killed write)")
     try: return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e: raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except Exception as e: raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from None
 
 # %% ../nbs/40_train.ipynb #811db34d
 @patch
@@ -431,7 +440,12 @@ def _resume(self: Trainer) -> None:
     if self.out_dir is None: raise ConfigError("resume=True needs TrainCfg.out_dir (where last.pt was written)")
     path = self.out_dir/"last.pt"
     if not path.exists(): raise DataError(f"{path}: nothing to resume from; run without resume first")
-    self.load_state_dict(load_checkpoint(path), str(path))
+    try: ck = load_checkpoint(path)
+    except DataError as e:
+        other = self.out_dir/"best.pt"
+        alt = f"rename {other.name} to last.pt to resume from the best epoch, or " if other.exists() and other.stat().st_size else ""
+        raise DataError(f"{e}; {alt}delete {self.out_dir.parent} to start this seed again") from None
+    self.load_state_dict(ck, str(path))
     best = self.out_dir/"best.pt"
     self.best_state = load_checkpoint(best)["trainable"] if best.exists() else None
     log.info("resumed from %s at epoch %d/%d", path, self.epoch, self.cfg.epochs)

@@ -68,3 +68,29 @@ def houston_maps(shared_data):
     tr = tifffile.imread(d / "2013_IEEE_GRSS_DF_Contest_Samples_TR.tif").astype(np.int32)
     va = tifffile.imread(d / "2013_IEEE_GRSS_DF_Contest_Samples_VA.tif").astype(np.int32)
     return tr, va
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    "Tiny tensors: with 2 OpenMP threads on a busy 2-core machine every op waits for the other thread (use per module)."
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def clip(one_thread):
+    "A random-init rs-tiny backbone, the same for every test of a module."
+    import torch
+    from rs_prompt_lab.backbones import load_backbone
+    torch.manual_seed(0)
+    return load_backbone("random:rs-tiny")[0]
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    "Training HSI pixels for the baselines' PCA / fit step (correlated 8-band spectra)."
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(200, 8)) @ rng.normal(size=(8, 8))

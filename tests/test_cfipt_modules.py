@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from rs_prompt_lab.core import ConfigError, DataError
-from rs_prompt_lab.cfipt.mfpg import MFPG, IS2PG
+from rs_prompt_lab.cfipt.mfpg import AMFF, MFPG, IS2PG
 from rs_prompt_lab.cfipt.iae import IAE, BilinearAdapter, plan_iae, convt_out
 from rs_prompt_lab.cfipt.s2gpt import (S2GPT, SelectiveSSM, TransformerExchange, VTPICoupler, cfipt_budget,
                                        count_params, selective_scan, selective_scan_ref, s2pt_trans)
@@ -138,6 +138,96 @@ def test_s2gpt_uses_the_prompt_matrices():
     assert not torch.allclose(a, blk(P, torch.ones_like(o["p_sp"]), torch.ones_like(o["p_sa"])))
     assert not torch.allclose(a[0], a[1])                          # per-sample matrices give per-sample prompts
     assert torch.equal(s2pt_trans(P), P)
+
+
+# ---------------------------------------------------------------- interpretive switches (defaults unchanged)
+def _shared_weights(src, dst):
+    own = dst.state_dict()
+    dst.load_state_dict({k: v for k, v in src.state_dict().items() if k in own and own[k].shape == v.shape}, strict=False)
+    return dst
+
+
+def test_mfpg_switch_defaults_are_the_previous_behaviour():
+    xh, xl = _x()
+    torch.manual_seed(0); a = MFPG(8, 1, 9, width=16)
+    torch.manual_seed(0); b = MFPG(8, 1, 9, width=16, normalize=True, attention="mlp", amff_input="projected")
+    oa, ob = a(xh, xl), b(xh, xl)
+    assert all(torch.equal(oa[k], ob[k]) for k in oa)
+    assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
+
+
+@pytest.mark.parametrize("kw", [dict(normalize=False), dict(attention="pooled"), dict(amff_input="full")])
+def test_mfpg_switches_change_output(kw):
+    torch.manual_seed(0)
+    xh, xl = _x()
+    ref = MFPG(8, 1, 9, width=16)
+    alt = _shared_weights(ref, MFPG(8, 1, 9, width=16, **kw))
+    fr, fa = ref(xh, xl)["fused"], alt(xh, xl)["fused"]
+    assert not torch.allclose(fr[:, :fa.shape[1]], fa[:, :fr.shape[1]])
+    fa.square().mean().backward()
+    assert _dead_params(alt) == []
+
+
+def test_pooled_attention_and_full_amff_input():
+    am, pooled = AMFF(16), AMFF(16, attention="pooled")
+    assert count_params(pooled) == count_params(am) - count_params(am.mlp)
+    fm = torch.randn(2, 16, 5, 5)
+    gate = torch.sigmoid(fm.mean((2, 3), keepdim=True) + fm.amax((2, 3), keepdim=True))
+    _shared_weights(am, pooled)
+    assert torch.allclose(pooled(fm), sum(c(fm * gate) for c in am.convs) + fm, atol=1e-5)
+    full = MFPG(8, 1, 9, width=16, amff_input="full")
+    assert full.width == 9 and isinstance(full.proj, nn.Identity) and full(*_x())["fused"].shape == (2, 9, 9, 9)
+    with pytest.raises(ConfigError, match="Allowed: mlp, pooled"): AMFF(16, attention="eca")
+    with pytest.raises(ConfigError, match="Allowed: projected, full"): MFPG(8, 1, 9, amff_input="half")
+
+
+def test_budget_follows_block_options_and_fused_width():
+    base = cfipt_budget(144, 1, 11, 224, **VITB16)
+    mamba = cfipt_budget(144, 1, 11, 224, **VITB16, block=dict(expand=2, d_state=16, d_conv=4, dt_rank=4))
+    assert mamba["coupler"] == count_params(VTPICoupler(768, 512, 12, 64, expand=2, d_state=16, d_conv=4, dt_rank=4)) > base["coupler"]
+    full = cfipt_budget(144, 1, 11, 224, **VITB16, amff_input="full")
+    assert full["adapter"] == count_params(IAE(145, 11, 224)) and full["mfpg"] > base["mfpg"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from rs_prompt_lab.backbones import load_backbone
+    torch.manual_seed(0)
+    return load_backbone("random:rs-tiny")[0]
+
+
+def _cfipt_pair(clip, **kw):
+    from rs_prompt_lab.cfipt.model import CFIPT
+    torch.manual_seed(1)
+    ref = CFIPT(clip, ["grass", "road", "water"], {"hsi": 8, "lidar": 1}, 5, mfpg_width=16, coupler_width=16).eval()
+    alt = _shared_weights(ref, CFIPT(clip, ["grass", "road", "water"], {"hsi": 8, "lidar": 1}, 5, mfpg_width=16, coupler_width=16, **kw).eval())
+    g = torch.Generator().manual_seed(3)
+    b = {"hsi": torch.randn(2, 8, 5, 5, generator=g), "lidar": torch.randn(2, 1, 5, 5, generator=g)}
+    with torch.no_grad(): return ref(b).logits, alt(b).logits
+
+
+def test_cfipt_switch_defaults_are_bit_identical(tiny_clip):
+    a, b = _cfipt_pair(tiny_clip, row_normalize=True, channel_attention="mlp", amff_input="projected",
+                       iae_last_act=False, scan_direction="bidirectional")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kw", [dict(row_normalize=False), dict(channel_attention="pooled"), dict(amff_input="full"),
+                                dict(iae_last_act=True), dict(scan_direction="forward")])
+def test_cfipt_switches_change_output(tiny_clip, kw):
+    a, b = _cfipt_pair(tiny_clip, **kw)
+    assert a.shape == b.shape and not torch.allclose(a, b, atol=1e-6)
+
+
+def test_forward_scan_equals_unidirectional_block(tiny_clip):
+    from rs_prompt_lab.cfipt.model import CFIPT
+    mk = lambda **kw: CFIPT(tiny_clip, ["grass", "road"], {"hsi": 8, "lidar": 1}, 3, mfpg_width=16, coupler_width=16, **kw)
+    fwd, blk = mk(scan_direction="forward"), mk(bidirectional=False)
+    assert all(not b.bidirectional for b in fwd.coupler.blocks) and all(not b.bidirectional for b in blk.coupler.blocks)
+    assert all(b.bidirectional for b in mk().coupler.blocks)
+    with pytest.raises(ConfigError, match="contradicts"): mk(scan_direction="forward", bidirectional=True)
+    with pytest.raises(ConfigError, match="S2GPT block"): mk(scan_direction="forward", interaction="none")
+    with pytest.raises(ConfigError, match="needs adapter='iae'"): mk(adapter="bilinear", iae_last_act=True)
 
 
 # ---------------------------------------------------------------- the selective scan

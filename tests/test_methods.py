@@ -20,27 +20,16 @@ CLASSES = ["grass", "road", "water"]
 BANDS = {"hsi": 8, "lidar": 1}
 PAPER_BUDGET, PAPER_PCT = 1_140_000, 0.76
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Tiny tensors: with 2 OpenMP threads on a busy 2-core machine every op waits ~10 ms for the other thread."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def clip(one_thread):
-    torch.manual_seed(0)
-    return load_backbone("random:rs-tiny")[0]
 
 
-@pytest.fixture(scope="module")
-def pixels():
-    "Training pixels for the baselines' PCA (correlated 8-band spectra)."
-    rng = np.random.default_rng(0)
-    return rng.normal(size=(200, 8)) @ rng.normal(size=(8, 8))
+
+
+
+
+
 
 
 def _batch(p, B=2, bands=BANDS, seed=0):

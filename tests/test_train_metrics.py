@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, confusion_matrix, average_precision_score
 
-from rs_prompt_lab.core import ConfigError, DataError, load_json
+from rs_prompt_lab.core import RSLabError, ConfigError, DataError, load_json
 from rs_prompt_lab.train import (TrainCfg, Trainer, Hook, cross_entropy_loss, predict, load_checkpoint, save_checkpoint,
                                  trainable_state)
 from rs_prompt_lab import train as train_mod
@@ -140,8 +140,8 @@ def test_checkpoint_atomic(loaders, tmp_path, monkeypatch):
         with open(f, "r+b") as fh: fh.truncate(100)          # half-written file...
         raise OSError("disk full")                            # ...then the crash
     monkeypatch.setattr(train_mod.torch, "save", crashing_save)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(t.state_dict(), tmp_path / "last.pt")
+    with pytest.raises(RSLabError, match=r"last.pt: could not write \(disk full; .* MiB free .*the previous last.pt is intact"):
+        save_checkpoint(t.state_dict(), tmp_path / "last.pt")       # one line naming the file and the free space, no raw OSError
     monkeypatch.undo()
     assert (tmp_path / "last.pt").read_bytes() == good                       # previous checkpoint intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.json"]  # no temp

@@ -74,16 +74,19 @@ class AMFF(nn.Module):
     def __init__(self, width: int, # F: channels in and out
                  reduction: int = 4, # channel-attention MLP hidden width = max(1, F // reduction)
                  kernels: tuple = (1, 3, 5), # the multi-scale kernel sizes (odd)
+                 attention: str = "mlp", # 'mlp' (CBAM: shared MLP on GAP and GMP) | 'pooled' (σ(GAP + GMP), no parameters)
                 ):
         super().__init__()
         if any(k % 2 == 0 for k in kernels): raise ConfigError(f"AMFF kernels must be odd for 'same' padding, got {kernels}")
+        self.attention = check_choice(attention, ("mlp", "pooled"), "channel attention")
         h = max(1, width // reduction)
-        self.mlp = nn.Sequential(nn.Conv2d(width, h, 1), nn.ReLU(), nn.Conv2d(h, width, 1))
+        if attention == "mlp": self.mlp = nn.Sequential(nn.Conv2d(width, h, 1), nn.ReLU(), nn.Conv2d(h, width, 1))
         self.convs = nn.ModuleList(nn.Conv2d(width, width, k, padding=k // 2) for k in kernels)
 
     def forward(self, fm: torch.Tensor) -> torch.Tensor:
         "(B, F, p, p) -> (B, F, p, p)."
-        att = torch.sigmoid(self.mlp(F.adaptive_avg_pool2d(fm, 1)) + self.mlp(F.adaptive_max_pool2d(fm, 1)))  # (B, F, 1, 1)
+        z_avg, z_max = F.adaptive_avg_pool2d(fm, 1), F.adaptive_max_pool2d(fm, 1)                   # (B, F, 1, 1)
+        att = torch.sigmoid(self.mlp(z_avg) + self.mlp(z_max) if self.attention == "mlp" else z_avg + z_max)
         ft = fm * att
         return sum(c(ft) for c in self.convs) + fm
 
@@ -99,17 +102,21 @@ class MFPG(nn.Module):
                  prompts: str = "s2", # 's2' | 'ones' (ablation: all-ones prompt matrices)
                  reduction: int = 4, # AMFF channel-attention reduction
                  normalize: bool = True, # row-normalise prompt matrices when applying them
+                 attention: str = "mlp", # AMFF channel attention: 'mlp' (CBAM) | 'pooled' (σ(GAP + GMP))
+                 amff_input: str = "projected", # 'projected' (1x1 conv to `width` first) | 'full' (AMFF on C + D channels)
                 ):
         super().__init__()
         for name, v in (("hsi_bands", hsi_bands), ("aux_bands", aux_bands), ("width", width), ("qk_width", qk_width)):
             if int(v) < 1: raise ConfigError(f"MFPG {name} must be >= 1, got {v}")
         if patch_size < 1 or patch_size % 2 == 0:
             raise ConfigError(f"patch_size must be odd and >= 1 (the labelled pixel is the centre), got {patch_size}")
+        self.amff_input = check_choice(amff_input, ("projected", "full"), "amff_input")
+        if amff_input == "full": width = hsi_bands + aux_bands
         self.hsi_bands, self.aux_bands, self.patch_size, self.width = hsi_bands, aux_bands, patch_size, width
         self.fusion = check_choice(fusion, ("amff", "concat"), "fusion")
         self.is2pg = IS2PG(hsi_bands, aux_bands, qk_width, prompts, normalize, spatial=patch_size > 1)
-        self.proj = nn.Conv2d(hsi_bands + aux_bands, width, 1)
-        self.amff = AMFF(width, reduction) if fusion == "amff" else nn.Identity()
+        self.proj = nn.Conv2d(hsi_bands + aux_bands, width, 1) if amff_input == "projected" else nn.Identity()
+        self.amff = AMFF(width, reduction, attention=attention) if fusion == "amff" else nn.Identity()
 
     def _check(self, x: torch.Tensor, bands: int, name: str):
         if x.ndim != 4 or x.shape[1] != bands or x.shape[2:] != (self.patch_size, self.patch_size):

@@ -21,10 +21,22 @@ from .iae import IAE, BilinearAdapter
 from .s2gpt import VTPICoupler, _exchange_block
 
 # %% auto #0
-__all__ = ['FUSION_TEMPLATE', 'CFIPT', 'VisionExchange', 'CFIPTCfg', 'build_cfipt']
+__all__ = ['FUSION_TEMPLATE', 'PAPER_BUDGET_CFG', 'CFIPT', 'VisionExchange', 'CFIPTCfg', 'build_cfipt']
 
 # %% ../../nbs/33_cfipt.model.ipynb #215947f3
 FUSION_TEMPLATE = "multisource fusion patch of {}"  # the words after the learnable context (the context replaces 'a')
+
+# %% ../../nbs/33_cfipt.model.ipynb #fd5bde66
+def _exchange_options(interaction: str, # 's2gpt' | 'transformer' | 'none'
+                      scan_direction: str, # 'bidirectional' | 'forward'
+                      block: dict, # the user's exchange-block options
+                     ) -> dict:
+    "The options CFIPT passes to the exchange blocks: `block`, plus `bidirectional=False` for a forward scan."
+    check_choice(scan_direction, ("bidirectional", "forward"), "scan_direction")
+    if scan_direction == "bidirectional": return dict(block)
+    if interaction != "s2gpt": raise ConfigError(f"scan_direction='forward' applies to the S2GPT block, not to interaction={interaction!r}")
+    if block.get("bidirectional", False): raise ConfigError("scan_direction='forward' contradicts block={'bidirectional': True}")
+    return {**block, "bidirectional": False}
 
 # %% ../../nbs/33_cfipt.model.ipynb #07abd43d
 class CFIPT(nn.Module):
@@ -47,6 +59,11 @@ class CFIPT(nn.Module):
                  template: str = FUSION_TEMPLATE, # words after the context
                  trd_weight: float = 0.02, # weight of the text-diversity term
                  max_patch: int = 13, # largest allowed patch side
+                 row_normalize: bool = True, # row-normalise P_sp / P_sa when MFPG applies them (False: plain product)
+                 channel_attention: str = "mlp", # AMFF gate: 'mlp' (CBAM) | 'pooled' (σ(GAP + GMP))
+                 amff_input: str = "projected", # 'projected' (1x1 conv to mfpg_width first) | 'full' (AMFF on C + D)
+                 iae_last_act: bool = False, # GELU after the IAE's last BatchNorm too
+                 scan_direction: str = "bidirectional", # S2GPT scan: 'bidirectional' | 'forward'
                  **block_kwargs, # S2GPT / TransformerExchange options (d_state, heads, ...)
                 ):
         super().__init__()
@@ -57,6 +74,10 @@ class CFIPT(nn.Module):
         self.interaction = check_choice(interaction, ("s2gpt", "transformer", "none"), "interaction")
         self.single_source = check_choice(single_source, ("self", "zeros"), "single_source")
         self.per_image, self.trd_weight, self.n_ctx, self.template = per_image, trd_weight, n_ctx, template
+        self._keep_options(n_vision_prompts, mfpg_width, qk_width, coupler_width, row_normalize, channel_attention,
+                           amff_input, iae_last_act, scan_direction, block_kwargs)
+        opts = _exchange_options(self.interaction, scan_direction, block_kwargs)
+        if adapter == "bilinear" and iae_last_act: raise ConfigError("iae_last_act=True needs adapter='iae' (the bilinear adapter has no activation)")
         mods = list(self.bands); self.hsi, self.aux = mods[0], mods[1:]
         C = self.bands[self.hsi]
         D = sum(self.bands[m] for m in self.aux) if self.aux else (C if single_source == "self" else 1)
@@ -64,11 +85,21 @@ class CFIPT(nn.Module):
         self.depth = nmax if depth is None else int(depth)
         if not 1 <= self.depth <= nmax: raise ConfigError(f"depth must be in 1..{nmax} for this backbone, got {depth}")
         if n_ctx < 1 or n_vision_prompts < 1: raise ConfigError("n_ctx and n_vision_prompts must be >= 1")
-        self.mfpg = MFPG(C, D, patch_size, mfpg_width, qk_width, fusion, prompts)
-        S = clip.image_size[0]
-        self.adapter = (IAE if adapter == "iae" else BilinearAdapter)(mfpg_width, patch_size, S)
+        self.mfpg = MFPG(C, D, patch_size, mfpg_width, qk_width, fusion, prompts, normalize=row_normalize,
+                         attention=channel_attention, amff_input=amff_input)
+        S, Fw = clip.image_size[0], self.mfpg.width                          # Fw: fused channels (C + D with amff_input='full')
+        self.adapter = IAE(Fw, patch_size, S, last_act=iae_last_act) if adapter == "iae" else BilinearAdapter(Fw, patch_size, S)
         self.vision_prompts = nn.Parameter(torch.randn(self.depth, n_vision_prompts, clip.vision_width) * 0.02)
-        self._build_text(template, coupler_width, block_kwargs)
+        self._build_text(template, coupler_width, opts)
+
+# %% ../../nbs/33_cfipt.model.ipynb #6be4411f
+@patch
+def _keep_options(self: CFIPT, n_vision_prompts, mfpg_width, qk_width, coupler_width, row_normalize, channel_attention,
+                  amff_input, iae_last_act, scan_direction, block):
+    "Keep every option under its CFIPTCfg name (the registry and the run folder read them back)."
+    self.n_vision_prompts, self.mfpg_width, self.qk_width, self.coupler_width = n_vision_prompts, mfpg_width, qk_width, coupler_width
+    self.row_normalize, self.channel_attention, self.amff_input = row_normalize, channel_attention, amff_input
+    self.iae_last_act, self.scan_direction, self.block = iae_last_act, scan_direction, dict(block)
 
 # %% ../../nbs/33_cfipt.model.ipynb #44f23c1a
 class VisionExchange(nn.Module):
@@ -223,9 +254,19 @@ class CFIPTCfg:
     template: str = FUSION_TEMPLATE  # words after the context
     trd_weight: float = 0.02       # weight of the text-diversity term
     block: dict = field(default_factory=dict)  # S2GPT / TransformerExchange options (d_state, expand, heads ...)
+    row_normalize: bool = True     # row-normalise P_sp / P_sa when MFPG applies them (False: the note's plain product)
+    channel_attention: str = "mlp" # AMFF gate: 'mlp' (CBAM shared MLP) | 'pooled' (σ(GAP + GMP), no parameters)
+    amff_input: str = "projected"  # 'projected' (1x1 conv to mfpg_width before AMFF) | 'full' (AMFF on the C + D channels)
+    iae_last_act: bool = False     # GELU after the IAE's last BatchNorm too (the literal 'four ConvT + BN + GELU')
+    scan_direction: str = "bidirectional"  # S2GPT scan: 'bidirectional' (shared weights, summed) | 'forward' (causal)
 
 def build_cfipt(backbone: PromptableCLIP, spec: PixelSpec, cfg: CFIPTCfg) -> CFIPT:
     "The registry's factory: CF-IPT for this pixel spec and configuration."
     kw = asdict(cfg); block = kw.pop("block")
     try: return CFIPT(backbone, spec.class_names, spec.bands, spec.patch_size, max_patch=spec.max_patch, **kw, **block)
     except TypeError as e: raise ConfigError(f"cfipt: bad exchange-block option in block={block} ({e})") from None
+
+# %% ../../nbs/33_cfipt.model.ipynb #6fcfa492
+# CFIPTCfg fields of the configuration that trains the paper's ~1.14 M parameters (ViT-B/16, Houston2013 geometry):
+# Mamba's reference block (expand 2, d_state 16, d_conv 4, dt_rank = ceil(80 / 16)) at an exchange width of 80
+PAPER_BUDGET_CFG = dict(coupler_width=80, block=dict(expand=2, d_state=16, d_conv=4, dt_rank=5))

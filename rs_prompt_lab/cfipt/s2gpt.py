@@ -229,15 +229,16 @@ def cfipt_budget(hsi_bands: int, aux_bands: int, # C, D: bands of the two modali
                  mfpg_width: int = 64, coupler_width: int = 64, # F (fused width) and w (exchange width)
                  interaction: str = "s2gpt", adapter: str = "iae", # ablation switches
                  backbone_params: int | None = None, # frozen backbone size, for the percentage
+                 block: dict | None = None, # exchange-block options (d_state, expand, d_conv, dt_rank ...)
                  **mfpg_kwargs, # more MFPG options (fusion, prompts, qk_width, ...)
                 ) -> dict:
     "Trainable parameters of CF-IPT's parts for these data/backbone sizes: {part: count, 'total', 'percent'}."
     from rs_prompt_lab.cfipt.mfpg import MFPG
     from rs_prompt_lab.cfipt.iae import IAE, BilinearAdapter
     ad = {"iae": IAE, "bilinear": BilinearAdapter}[check_choice(adapter, ("iae", "bilinear"), "adapter")]
-    parts = dict(mfpg=count_params(MFPG(hsi_bands, aux_bands, patch_size, mfpg_width, **mfpg_kwargs)),
-                 adapter=count_params(ad(mfpg_width, patch_size, image_size)),
-                 coupler=count_params(VTPICoupler(vision_width, text_width, n_layers, coupler_width, interaction)),
+    mfpg = MFPG(hsi_bands, aux_bands, patch_size, mfpg_width, **mfpg_kwargs)
+    parts = dict(mfpg=count_params(mfpg), adapter=count_params(ad(mfpg.width, patch_size, image_size)),
+                 coupler=count_params(VTPICoupler(vision_width, text_width, n_layers, coupler_width, interaction, **(block or {}))),
                  prompts=n_layers * (n_vision_prompts * vision_width + n_text_prompts * text_width))
     parts["total"] = sum(parts.values())
     if backbone_params: parts["percent"] = 100 * parts["total"] / backbone_params
