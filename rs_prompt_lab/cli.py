@@ -20,6 +20,7 @@ GROUPS = {  # group -> (module that implements configure_cli, one-line help)
     "pretrain": ("rs_prompt_lab.pretrain", "pretrain the embedded rs-tiny CLIP on the synthetic corpus"),
     "train": ("rs_prompt_lab.train_cli", "train a method on a dataset (writes config, metrics, checkpoints)"),
     "classmap": ("rs_prompt_lab.train_cli", "whole-scene class map of a trained run"),
+    "results": ("rs_prompt_lab.runner", "tables and paired per-seed differences (with CIs) of the runs below a folder"),
     "demo": ("rs_prompt_lab.cli", "the main job: built-in manifests and data found under --root"),
 }
 

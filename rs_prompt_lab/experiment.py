@@ -89,7 +89,12 @@ from fastcore.basics import patch
 
 @patch
 def check(self: PixelExpCfg) -> PixelExpCfg:
-    "Validate choices and ranges; return self."
+    "Validate choices and ranges, make file paths absolute (run records work from any folder); return self."
+    p = Path(str(self.dataset)).expanduser()
+    if p.suffix.lower() in (".npz", ".yaml", ".yml") and not p.is_absolute():
+        full = Path(self.root).expanduser()/p if self.root and p.suffix.lower() == ".npz" else p
+        if full.exists(): self.dataset = str(full.resolve())
+    if self.root and Path(self.root).expanduser().exists(): self.root = str(Path(self.root).expanduser().resolve())
     check_choice(self.normalise, ["zscore", "minmax"], "normalisation")
     check_choice(self.policy, ["error", "take_all"], "few-shot policy")
     check_choice(self.pool, ["auto", "official", "all"], "training pool")
@@ -139,9 +144,12 @@ def method_cfg(self: PixelExpCfg):
 
 @patch(as_prop=True)
 def dataset_name(self: PixelExpCfg) -> str:
-    "Folder name of the dataset: manifest name or file stem, plus generator parameters."
+    "Folder name of the dataset: the manifest's name (for a YAML file too) or the .npz stem, plus generator parameters."
     p = Path(self.dataset)
     base = p.stem if p.suffix.lower() in (".npz", ".yaml", ".yml") else self.dataset
+    if p.suffix.lower() in (".yaml", ".yml") and p.exists():
+        from rs_prompt_lab.data.manifest import get_manifest
+        base = get_manifest(p).name
     fmt = lambda v: "x".join(map(str, v)) if isinstance(v, (list, tuple)) else v
     return _slug("-".join([base, *(f"{k}{fmt(v)}" for k, v in sorted(self.dataset_params.items()))]))
 
@@ -482,7 +490,9 @@ def classmap_from_run(run_dir, # a seed folder (or a configuration folder: its l
         raise DataError(f"{cfg.dataset} is a pixel set (1 x {shape[1]} pixels without an image grid): there is no class map to draw; "
                         "train on a 2-D scene (e.g. houston2013 or synthetic-houston-like) for a map")
     if not get_entry(cfg.method).backbone: raise ConfigError(f"{rd}: {cfg.method} runs keep no model; class maps are drawn for the neural methods")
-    if root is not None: cfg = cfg.replace(root=root)
+    if root is not None:   # the data moved: a manifest reads it under the new root, a saved scene is looked up there by its file name
+        moved = Path(root)/Path(cfg.dataset).name
+        cfg = cfg.replace(root=root, dataset=str(moved) if Path(cfg.dataset).suffix.lower() == ".npz" and not Path(cfg.dataset).exists() else cfg.dataset)
     scene = load_scene(cfg)
     if list(scene.shape) != list(shape): raise DataError(f"{cfg.dataset}: the scene is {scene.shape} but the run was trained on {tuple(shape)}")
     bands, was = {k: scene.n_bands(k) for k in scene.modalities}, c.get("dataset", {}).get("bands")

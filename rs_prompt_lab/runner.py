@@ -14,7 +14,8 @@ from .metrics import aggregate_seeds, format_mean_std, compare_to_reference, for
 
 # %% auto #0
 __all__ = ['log', 'NOT_RESULT', 'result_cfg', 'check_same', 'seed_lock', 'run_seeds', 'summarize_runs', 'test_set_checks',
-           'warnings_of', 'save_training_curve', 'collect_summaries', 'results_table', 'differences_table']
+           'warnings_of', 'save_training_curve', 'collect_summaries', 'results_table', 'differences_table',
+           'configure_cli', 'results_report']
 
 # %% ../nbs/43_runner.ipynb #8ff55efb
 log = get_logger(__name__)
@@ -164,3 +165,32 @@ def differences_table(summaries: list, # summaries of ONE dataset (collect_summa
         cell = lambda r: format_difference(r) + (" *" if r["excludes_zero"] else "")
         rows.append(f"| {name} | {d[keys[0]]['n']} | " + " | ".join(cell(d[k]) for k in keys) + " |")
     return "\n".join(rows), cmp
+
+# %% ../nbs/43_runner.ipynb #87f2c7dd
+def configure_cli(parser, group: str):
+    "The `results` command: tables and paired differences of the summaries below a folder."
+    parser.add_argument("folder", help="a runs folder (e.g. runs/cfipt), searched for summary.json files")
+    parser.add_argument("--reference", default=None, help="cfg_name to compare every other configuration of its dataset with")
+    parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
+    parser.set_defaults(func=_cli_results)
+
+def results_report(folder, reference: str | None = None, confidence: float = 0.95) -> str:
+    "The text `rs-lab results` prints."
+    sums = collect_summaries(folder)
+    if not sums: raise DataError(f"{folder}: no summary.json below it; run rs-lab train first (or check the folder)")
+    out = []
+    for ds in sorted({s.get("dataset") for s in sums}, key=str):
+        group = [s for s in sums if s.get("dataset") == ds]
+        out += [f"## {ds}", "", results_table(group)]
+        out += [w for s in group for w in (f"{s['cfg_name']}: {x}" for x in s.get("warnings", []))]
+        if reference and any(s["cfg_name"] == reference for s in group):
+            keys = [k for k in ("oa", "aa", "kappa") if all(k in v for s in group for v in s["per_seed"].values())]
+            labels = [{"oa": "ΔOA", "aa": "ΔAA", "kappa": "Δkappa x100"}[k] for k in keys]
+            out += ["", differences_table(group, reference, keys=keys, labels=labels, confidence=confidence)[0]]
+        out.append("")
+    if reference and not any(s["cfg_name"] == reference for s in sums):
+        raise ConfigError(f"no configuration {reference!r} below {folder}; configurations: {', '.join(sorted({s['cfg_name'] for s in sums}))}")
+    return "\n".join(out)
+
+def _cli_results(a) -> int:
+    print(results_report(a.folder, a.reference, a.confidence)); return 0

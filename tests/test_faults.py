@@ -23,12 +23,12 @@ def tiny2d(H=10, W=12, seed=0, shift=0.0, bands=6):
                  splits={"train": tr, "test": ~tr}, name="tiny2d")
 
 
-def rs_lab(*args, env_extra=None, timeout=300):
+def rs_lab(*args, env_extra=None, timeout=300, cwd=None):
     "Run the CLI in a fresh process; (returncode, stdout, stderr)."
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), **(env_extra or {}))
     p = subprocess.run([sys.executable, "-c", "import sys; from rs_prompt_lab.cli import main; sys.exit(main())", *map(str, args)],
-                       capture_output=True, text=True, env=env, timeout=timeout)
+                       capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -191,3 +191,17 @@ def test_classmap_suffix_is_checked_first(tmp_path, npz, capsys):
     rc = main(["classmap", str(rd), "--out", str(tmp_path / "map.jpg"), "--device", "cpu"])
     one_line_error(rc, capsys.readouterr().err, "map.jpg", "PNG")
     assert not (tmp_path / "map.jpg").exists()
+
+
+def test_relative_data_path_is_recorded_absolute(tmp_path, npz):
+    "A relative --data stored verbatim made classmap work only from the training folder; now the record is absolute."
+    other = tmp_path / "elsewhere"; other.mkdir()
+    rc, _, err = rs_lab("train", "cfipt", "--data", npz.name, "--out", "runs", "--backbone", "random:rs-tiny", "--quick", *TRAIN, cwd=tmp_path)
+    assert rc == 0, err
+    rd = next((tmp_path / "runs" / "pixel" / "tiny2d").iterdir()) / "seed0"
+    assert load_json(rd / "config.json")["cfg"]["dataset"] == str(npz.resolve())
+    rc, out, err = rs_lab("classmap", rd, "--device", "cpu", "--no-progress", cwd=other)
+    assert rc == 0, err
+    moved = tmp_path / "moved"; moved.mkdir(); shutil.move(str(npz), moved / npz.name)
+    rc, out, err = rs_lab("classmap", rd, "--device", "cpu", "--no-progress", "--root", moved, "--out", tmp_path / "m.png", cwd=other)
+    assert rc == 0, err

@@ -821,6 +821,7 @@ def _mod_bands(m: Manifest, k: str, required: bool = True) -> list | None:
     if required: raise DataError(f"{m.source}: modalities.{k}.bands must list the band names (files are <patch>_<band>.tif)")
     return None
 
+# %% ../../nbs/12_data.manifest.ipynb #032bd1a8
 def _load_pairs(fs: _Files) -> PairedModalityDataset:
     m, spec = fs.m, fs.m.pairs or {}
     a, b = spec.get("a"), spec.get("b")

@@ -145,6 +145,7 @@ def order(self: PatchSampler) -> np.ndarray:
         self._order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
     return self._order
 
+# %% ../../nbs/14_data.patches.ipynb #020fd234
 @patch
 def batch(self: PatchSampler, idx: np.ndarray) -> dict:
     "The batch for indices `idx` into `self.rc`: windows of every modality, 'label' and 'rc'."

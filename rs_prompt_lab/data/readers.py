@@ -35,6 +35,7 @@ def mat_version(path: str | Path) -> str:
     try: return "mat-v73" if h5py.is_hdf5(str(path)) else "mat-v5"
     except Exception as e: _fail(path, "cannot read file header", e)
 
+# %% ../../nbs/12a_data.readers.ipynb #f37ba5ec
 def _mat_v5(path: Path, variable: str) -> np.ndarray:
     import scipy.io as sio
     top, *fields = variable.split(".")
@@ -63,6 +64,7 @@ def _mat_v73(path: Path, variable: str) -> np.ndarray:
     except Exception as e: _fail(path, "not a readable MATLAB v7.3 (HDF5) file (truncated or corrupt?)", e)
     return np.asarray(x).T  # HDF5 keeps MATLAB's column-major layout: reverse the axes
 
+# %% ../../nbs/12a_data.readers.ipynb #61fa5803
 def read_mat(path: str | Path, # a .mat file
              variable: str, # variable name inside it (dotted for struct fields: 'hsi.Data')
              format: str = "mat", # 'mat' (detect), 'mat-v5' or 'mat-v73'

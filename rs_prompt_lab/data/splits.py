@@ -25,6 +25,7 @@ def _rc(a) -> np.ndarray:
     a = np.asarray(a, dtype=np.int64).reshape(-1, 2)
     return a[np.lexsort((a[:, 1], a[:, 0]))]
 
+# %% ../../nbs/13_data.splits.ipynb #c72149fa
 @dataclass
 class Split:
     "Train/val/test pixel positions ((N, 2) int (row, col), C order) with their provenance."

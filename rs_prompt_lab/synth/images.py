@@ -157,6 +157,7 @@ def _lay(name, cv, rng):
     else:
         raise ConfigError(f"no layout for scene class {name!r}")
 
+# %% ../../nbs/17_synth.images.ipynb #73212433
 SCENE_CLASSES = ["dense residential", "sparse residential", "forest", "river", "lake", "farmland", "circular farmland",
                  "parking lot", "freeway", "intersection", "runway", "beach", "desert", "industrial area", "golf course",
                  "baseball field", "tennis court", "storage tanks", "railway", "harbor", "meadow", "commercial area"]
@@ -216,7 +217,7 @@ def colour_name(rgb) -> str:
     names = list(_PALETTE); P = np.array([_PALETTE[k] for k in names], float)
     return names[int(np.argmin(((P - np.asarray(rgb, float)) ** 2).sum(1)))]
 
-# %% ../../nbs/17_synth.images.ipynb #6a28aeaf
+# %% ../../nbs/17_synth.images.ipynb #d7063207
 def render_scene_image(name: str, # scene class
                        size: int = 64, # image side, px
                        seed: int | np.random.SeedSequence = 0, # the image's own seed
@@ -247,6 +248,7 @@ def render_scene_image(name: str, # scene class
     rgbT = (np.clip(get_sensor("rgb").resample(S) / D.white, 0, 1) ** (1 / 2.2) * 255)
     return out, _facts(cv, rgbT, mat, size, ss)
 
+# %% ../../nbs/17_synth.images.ipynb #c629bf6d
 def _facts(cv, rgbT, mat, size, ss):
     "Per part: visible object count, colour, centroid (image px), orientation and material of its objects."
     px = np.bincount(cv.obj.ravel(), minlength=len(cv.objects)); parts = np.array([c for c, _ in cv.objects])
@@ -260,8 +262,8 @@ def _facts(cv, rgbT, mat, size, ss):
         elong = ev[1] / max(ev[0], 1e-6)
         ori = "" if elong < 4 or len(ids) > 1 else ("from left to right" if abs(d[1]) > 2 * abs(d[0]) else "from top to bottom" if abs(d[0]) > 2 * abs(d[1]) else "diagonally")
         cols = [colour_name(rgbT[i]) for i in ids]; mats = [mat[i] for i in ids]
-        facts[name] = dict(count=len(ids), area=float(m.mean()), colour=max(set(cols), key=cols.count),
-                           material=max(set(mats), key=mats.count), centroid=(yy.mean() / ss / size, xx.mean() / ss / size), orientation=ori)
+        facts[name] = dict(count=len(ids), area=float(m.mean()), colour=max(sorted(set(cols)), key=cols.count),  # sorted: ties never depend on PYTHONHASHSEED
+                           material=max(sorted(set(mats)), key=mats.count), centroid=(yy.mean() / ss / size, xx.mean() / ss / size), orientation=ori)
     return facts
 
 # %% ../../nbs/17_synth.images.ipynb #f05d790d

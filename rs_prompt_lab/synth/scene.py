@@ -111,6 +111,7 @@ def _trees(cv, C, y0, x0, y1, x1, n, rng, r=(2, 4), h=(6, 20), cls="Trees"):
         rr = rng.uniform(*r)
         cv.ellipse(rng.uniform(y0, y1), rng.uniform(x0, x1), rr, rr * rng.uniform(0.8, 1.2), C[cls], "tree", rng.uniform(*h), dome=True)
 
+# %% ../../nbs/16_synth.scene.ipynb #6d93ba58
 def _fill_urban(cv, C, kind, y0, x0, y1, x1, rng):
     "Fill one city block of the urban layout."
     bh, bw = y1 - y0, x1 - x0
@@ -163,6 +164,7 @@ def _fill_urban(cv, C, kind, y0, x0, y1, x1, rng):
         cv.rect(y0, x0, y1, x1, C["Healthy grass"], "grass")
         cv.rect(y0 + 2, x0 + 2, y1 - 2, x1 - 2, C["Synthetic grass"], "turf")
 
+# %% ../../nbs/16_synth.scene.ipynb #ae942924
 def _layout_urban(cv, C, rng):
     "Houston-like campus/city: road grid, typed blocks, highway, railway, street trees."
     H, W = cv.H, cv.W
@@ -212,6 +214,7 @@ def _assign(n, need, weights, rng):
     for j, i in enumerate(rng.permutation(n)[:len(need)]): kinds[i] = need[j]
     return kinds
 
+# %% ../../nbs/16_synth.scene.ipynb #9dc036f5
 def _layout_rural(cv, C, rng):
     "Trento-like: parcels of vineyard, orchard, woods, ground and farm buildings between roads."
     H, W = cv.H, cv.W
@@ -247,6 +250,7 @@ def _layout_rural(cv, C, rng):
         if rng.random() < 0.5: y = rng.uniform(.2, .8) * H; cv.line([(y, 0), (y + rng.uniform(-.1, .1) * H, W)], rng.uniform(4, 6), C["Roads"], "road")
         else: x = rng.uniform(.1, .9) * W; cv.line([(0, x), (H, x + rng.uniform(-.1, .1) * W)], rng.uniform(4, 6), C["Roads"], "road")
 
+# %% ../../nbs/16_synth.scene.ipynb #9c4e7822
 def _layout_campus(cv, C, rng):
     "MUUFL-like campus: buildings, roads + sidewalks + yellow curbs, tree clusters, pond, dirt, cloth panels."
     H, W = cv.H, cv.W
@@ -277,6 +281,7 @@ def _layout_campus(cv, C, rng):
     cv.rect(py - 4, px - 2, py + 6, px + 5 * 6 + 2, C["Mostly grass"], "grass")
     for k in range(5): cv.rect(py, px + 6 * k, py + 3, px + 6 * k + 3, C["Cloth panels"], "cloth", 0.05)
 
+# %% ../../nbs/16_synth.scene.ipynb #0e48cc9f
 def _layout_districts(cv, C, rng):
     "Augsburg-like 30 m mosaic of mixed-cover districts with a river."
     H, W = cv.H, cv.W
@@ -400,6 +405,7 @@ def _parse_size(size, preset):
         raise ConfigError(f"size {H}x{W} is too small for the {preset} layout: at least {p.min_size[0]}x{p.min_size[1]} (default {p.size[0]}x{p.size[1]})")
     return H, W
 
+# %% ../../nbs/16_synth.scene.ipynb #a17bfe86
 def make_scene(preset: str = "houston-like", # one of PRESETS
                seed: int = 0, # same seed -> byte-identical scene
                size: tuple | str | None = None, # (H, W) or 'HxW'; default: the benchmark's size
@@ -457,6 +463,7 @@ def make_scene(preset: str = "houston-like", # one of PRESETS
                 snr=snr, looks=looks, psf=psf, gsd_m=p.gsd, sun=list(p.sun), n_objects=len(cv.objects), shadow_fraction=float(shadow.mean()))
     return Scene(out, lab, C and {i: n for n, i in C.items()}, bands, {"train": train, "test": test}, preset, meta)
 
+# %% ../../nbs/16_synth.scene.ipynb #11f8200e
 def _render_cube(S, obj, w, illum, sens, psf, snr, rng, rows=32):
     "(H, W, B) reflectance: per-pixel blend of two object spectra x illumination, PSF, noise, clipped to [0, 1]."
     A, Bv = sens.resample(S[0]), sens.resample(S[1])             # (n, B) each
