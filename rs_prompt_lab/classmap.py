@@ -13,7 +13,7 @@ from .core import ConfigError, DataError, atomic_path, get_device, get_logger
 from .data.scene import Scene
 from .data.patches import SceneTiler
 from .train import resolve_amp
-from .records import logits_of
+from .records import logits_of, class_id_names
 
 # %% auto #0
 __all__ = ['log', 'predict_scene', 'class_palette', 'colorize', 'save_classmap', 'render_classmap']
@@ -91,11 +91,6 @@ def colorize(label_map: np.ndarray, # (H, W) class ids, 0 = background
     return class_palette(int(n_classes if n_classes is not None else lm.max()))[lm]
 
 # %% ../nbs/42_classmap.ipynb #d9752138
-def _names(class_names) -> dict:
-    "{id: name} from a dict, or from a list naming ids 1..K."
-    if isinstance(class_names, Mapping): return {int(k): str(v) for k, v in class_names.items()}
-    return {i + 1: str(n) for i, n in enumerate(class_names)}
-
 def save_classmap(pred: np.ndarray, path: str | Path) -> Path:
     "Write a class map as .npy atomically."
     path = Path(path)
@@ -115,7 +110,7 @@ def render_classmap(pred: np.ndarray, # (H, W) predicted class ids, 0 = not pred
     "A matplotlib Figure of the class map (and ground truth) with a legend; optionally saved as PNG."
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
-    names = _names(class_names)
+    names = class_id_names(class_names, first=1)   # a list names scene ids 1..K
     pred = np.asarray(pred)
     if gt is not None and np.shape(gt) != pred.shape: raise DataError(f"ground truth {np.shape(gt)} and prediction {pred.shape} differ in shape")
     K = max([*names, int(pred.max()), int(np.max(gt)) if gt is not None else 0])

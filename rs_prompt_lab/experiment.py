@@ -28,7 +28,8 @@ from .runner import (run_seeds, check_same, summarize_runs, collect_summaries, r
 __all__ = ['log', 'PixelExpCfg', 'check_backbone_name', 'select_modalities', 'check_pixel_scene', 'load_scene', 'make_split',
            'fit_normalizers', 'save_normalizers', 'load_normalizers', 'save_split', 'load_split_rc', 'scene_spec',
            'build_method', 'budget_points', 'data_fingerprint', 'check_resumable', 'run_seed', 'summarize',
-           'format_summary', 'run_pixel_experiment', 'find_run_dir', 'load_run_model', 'classmap_from_run']
+           'format_summary', 'run_pixel_experiment', 'find_run_dir', 'best_checkpoint', 'load_run_model',
+           'classmap_from_run']
 
 # %% ../nbs/44_experiment.ipynb #0ddcb6ee
 @dataclass
@@ -111,6 +112,14 @@ def check(self: PixelExpCfg) -> PixelExpCfg:
     if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0): raise ConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
     if self.steps is not None: _int(self.steps, "steps", 1)
     check_choice(self.budget, ["cfg", "method"], "training budget")
+    check_choice(self.amp, ["auto", "off", "bf16", "fp16"], "amp mode")
+    for n in ("weight_decay", "warmup_epochs"):
+        v = getattr(self, n)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0): raise ConfigError(f"{n} must be a finite number >= 0, got {v!r}")
+    if self.budget == "method" and self.steps is not None:
+        raise ConfigError("budget='method' takes the steps from the method's registry entry; drop --steps, or use budget='cfg'")
+    if "epochs" in self.select and (self.steps is not None or self.budget == "method"):
+        raise ConfigError("select over epochs has no effect while a step budget is set (steps override epochs); search 'steps' instead")
     bad = [k for k in self.select if k not in _GRID_KEYS]
     if bad: raise ConfigError(f"select can search {', '.join(_GRID_KEYS)}, not {bad[0]!r}")
     for k, v in self.select.items():
@@ -374,15 +383,19 @@ def data_fingerprint(scene: Scene) -> str:
     if scene.labels is not None: h.update(np.ascontiguousarray(scene.labels).tobytes())
     return h.hexdigest()
 
-def check_resumable(rd: Path, split_hash: str, data_hash: str) -> None:
-    "Refuse to continue an interrupted seed whose data or split differ from what its config.json recorded."
+def check_resumable(rd: Path, split_hash: str | None, data_hash: str, # split_hash None: compare the data only
+                    finished: bool = False, # True: the seed has metrics.json (it would be reused, not resumed)
+                   ) -> None:
+    "Refuse to continue (or reuse) a seed whose data or split differ from what its config.json recorded."
     p = Path(rd)/"config.json"
     if not p.exists(): return
     old = load_json(p)
     was_split, was_data = old.get("split", {}).get("hash"), old.get("dataset", {}).get("data_hash")
-    if was_data is not None and was_data != data_hash or was_split is not None and was_split != split_hash:
+    bad_split = split_hash is not None and was_split is not None and was_split != split_hash
+    if was_data is not None and was_data != data_hash or bad_split:
         what = "data" if was_data is not None and was_data != data_hash else "split"
-        raise ConfigError(f"{rd} holds an interrupted run on other {what} ({what} hash {was_data if what == 'data' else was_split} -> "
+        run = "a finished run, which would be summarised with" if finished else "an interrupted run on"
+        raise ConfigError(f"{rd} holds {run} other {what} ({what} hash {was_data if what == 'data' else was_split} -> "
                           f"{data_hash if what == 'data' else split_hash}): the dataset changed since it started; delete {rd} to start "
                           "this seed again, or give this run another --name / --out")
 
@@ -445,10 +458,11 @@ def run_pixel_experiment(cfg: PixelExpCfg, # the experiment
     "Run every unfinished seed of `cfg`, then write and return the summary (mean ± std over seeds)."
     cfg = cfg.check()   # an unknown method or option fails before any data is loaded
     scene = check_pixel_scene(select_modalities(scene, cfg.modalities), cfg.patch_size) if scene is not None else load_scene(cfg)
+    data_hash = data_fingerprint(scene)
     def one(seed):
         m = run_seed(scene, cfg, seed)
         log.info(f"{cfg.cfg_name} seed {seed}: OA {m['oa']:.4f} AA {m['aa']:.4f} kappa {m['kappa']:.4f}")
-    run_seeds(cfg, one, cfg.progress)
+    run_seeds(cfg, one, cfg.progress, check_finished=lambda rd: check_resumable(rd, None, data_hash, finished=True))
     return summarize(cfg)
 
 # %% ../nbs/44_experiment.ipynb #20f81bc6
@@ -460,12 +474,18 @@ def find_run_dir(path) -> Path:
     if seeds: log.info(f"{p}: using {seeds[0].name}"); return seeds[0]
     raise DataError(f"{p}: not a run folder (no config.json); pass runs/<exp>/<dataset>/<cfg_name>/seed<k> written by rs-lab train")
 
+def best_checkpoint(rd: Path) -> Path:
+    "The checkpoint of the model a seed tested: train/best.pt, or train/grid<chosen>/best.pt after a validation grid."
+    m = load_json(Path(rd)/"metrics.json") if (Path(rd)/"metrics.json").exists() else {}
+    chosen = (m.get("selection") or {}).get("chosen")   # only a neural run's validation grid records a chosen point
+    return Path(rd)/"train"/(f"grid{chosen}" if chosen is not None else "")/"best.pt"
+
 def load_run_model(rd: Path, cfg: PixelExpCfg, seed: int, scene: Scene) -> torch.nn.Module:
     "The method of a run with its best trainable state loaded."
     from rs_prompt_lab.train import count_parameters, load_checkpoint, load_trainable_state
     model = build_method(cfg, scene, seed, load_split_rc(rd)["train"], load_normalizers(rd/"normalizers.json"))
     if count_parameters(model)[0]:
-        ck = rd/"train"/"best.pt"
+        ck = best_checkpoint(rd)
         if not ck.exists(): raise DataError(f"{ck}: checkpoint not found; the run did not finish an epoch (rerun rs-lab train)")
         load_trainable_state(model, load_checkpoint(ck)["trainable"], str(ck))
     return model
@@ -498,6 +518,10 @@ def classmap_from_run(run_dir, # a seed folder (or a configuration folder: its l
     bands, was = {k: scene.n_bands(k) for k in scene.modalities}, c.get("dataset", {}).get("bands")
     if was is not None and bands != was:
         raise DataError(f"{cfg.dataset}: the data has bands {bands} but the run at {rd} was trained on {was}; point --root at the data it was trained on")
+    was_hash = c.get("dataset", {}).get("data_hash")
+    if was_hash is not None and data_fingerprint(scene) != was_hash:
+        raise DataError(f"{cfg.dataset}: the data differs from what the run at {rd} was trained on (data hash {was_hash} -> "
+                        f"{data_fingerprint(scene)}); point --root at the data it was trained on")
     model = load_run_model(rd, cfg, seed, scene)
     pred = predict_scene(model, scene, cfg.patch_size, batch_size or cfg.eval_batch_size, device,
                          normalizers=load_normalizers(rd/"normalizers.json"), progress=progress, amp=cfg.amp)

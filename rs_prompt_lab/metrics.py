@@ -10,6 +10,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, average_precision_score, cohen_kappa_score, confusion_matrix
 from scipy import stats
 from .core import RSLabError, DataError, ConfigError, check_choice, suggest
+from .records import class_id_names
 
 # %% auto #0
 __all__ = ['as_labels', 'overall_accuracy', 'per_class_accuracy', 'average_accuracy', 'kappa', 'classification_report_dict',
@@ -60,19 +61,13 @@ def kappa(y_true, y_pred) -> float:
     return float(cohen_kappa_score(t, p))
 
 # %% ../nbs/41_metrics.ipynb #fa9d759f
-def _names(class_names) -> dict:
-    "Normalise a list or dict of class names to {id: name}."
-    if class_names is None: return {}
-    if isinstance(class_names, Mapping): return {int(k): str(v) for k, v in class_names.items()}
-    return {i: str(n) for i, n in enumerate(class_names)}
-
 def classification_report_dict(y_true, # true labels (N,)
                                y_pred, # predicted labels (N,) or scores (N, K)
                                class_names: Mapping | Sequence | None = None, # {id: name} or [name of label 0, ...]
                               ) -> dict:
     "OA, AA, kappa, per-class accuracy (by name), support and the confusion matrix as a JSON-ready dict."
     t, p = _pair(y_true, y_pred)
-    names = _names(class_names)
+    names = class_id_names(class_names, first=0)   # a list names labels 0..K-1
     labels = sorted(set(np.unique(t).tolist()) | set(np.unique(p).tolist()) | set(names))
     pca = per_class_accuracy(t, p)
     key = lambda c: names.get(c, str(c))

@@ -11,7 +11,7 @@ import torch
 from .core import DataError
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'ids_to_index', 'index_to_ids', 'MethodOutput', 'logits_of']
+__all__ = ['IGNORE_INDEX', 'ids_to_index', 'index_to_ids', 'class_id_names', 'MethodOutput', 'logits_of']
 
 # %% ../nbs/02_records.ipynb #671ae3f7
 IGNORE_INDEX = -1  # a batch label that the loss and the metrics skip
@@ -32,6 +32,16 @@ def index_to_ids(idx):
     if torch.is_tensor(idx): return torch.where(idx.long() >= 0, idx.long() + 1, torch.zeros_like(idx.long()))
     a = np.asarray(idx, dtype=np.int64)
     return np.where(a >= 0, a + 1, 0)
+
+# %% ../nbs/02_records.ipynb #ede1c615
+def class_id_names(class_names, # {id: name}, or a list of names
+                   first: int = 1, # the id of the list's first name: 1 (scene ids) or 0 (batch indices)
+                  ) -> dict:
+    "{id: name} from a dict, or from a list whose first name has id `first`."
+    from collections.abc import Mapping
+    if class_names is None: return {}
+    if isinstance(class_names, Mapping): return {int(k): str(v) for k, v in class_names.items()}
+    return {i + first: str(n) for i, n in enumerate(class_names)}
 
 # %% ../nbs/02_records.ipynb #ba5d446f
 @dataclass

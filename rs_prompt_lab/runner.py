@@ -57,6 +57,7 @@ def seed_lock(run_dir: Path):
 def run_seeds(cfg, # a protocol config: seeds, run_dir(seed), to_dict()
               run_one: Callable, # run_one(seed) -> metrics dict; writes run_dir(seed)/metrics.json last
               progress: bool = True, # a bar over the seeds
+              check_finished: Callable | None = None, # check_finished(run_dir) before a finished seed is reused (raise to refuse)
              ) -> list:
     "Run every unfinished seed (each under its folder's lock); return the seeds that ran now."
     ran = []
@@ -64,7 +65,9 @@ def run_seeds(cfg, # a protocol config: seeds, run_dir(seed), to_dict()
         rd = cfg.run_dir(seed)
         with seed_lock(rd):
             check_same(cfg, rd)
-            if (rd/"metrics.json").exists(): log.info(f"{rd}: finished already (metrics.json), skipped"); continue
+            if (rd/"metrics.json").exists():
+                if check_finished is not None: check_finished(rd)
+                log.info(f"{rd}: finished already (metrics.json), skipped"); continue
             run_one(seed); ran.append(seed)
     return ran
 
@@ -186,7 +189,8 @@ def results_report(folder, reference: str | None = None, confidence: float = 0.9
         if reference and any(s["cfg_name"] == reference for s in group):
             keys = [k for k in ("oa", "aa", "kappa") if all(k in v for s in group for v in s["per_seed"].values())]
             labels = [{"oa": "ΔOA", "aa": "ΔAA", "kappa": "Δkappa x100"}[k] for k in keys]
-            out += ["", differences_table(group, reference, keys=keys, labels=labels, confidence=confidence)[0]]
+            try: out += ["", differences_table(group, reference, keys=keys, labels=labels, confidence=confidence)[0]]
+            except DataError as e: out += ["", f"(no paired differences for {ds}: {e})"]
         out.append("")
     if reference and not any(s["cfg_name"] == reference for s in sums):
         raise ConfigError(f"no configuration {reference!r} below {folder}; configurations: {', '.join(sorted({s['cfg_name'] for s in sums}))}")

@@ -205,3 +205,16 @@ def test_relative_data_path_is_recorded_absolute(tmp_path, npz):
     moved = tmp_path / "moved"; moved.mkdir(); shutil.move(str(npz), moved / npz.name)
     rc, out, err = rs_lab("classmap", rd, "--device", "cpu", "--no-progress", "--root", moved, "--out", tmp_path / "m.png", cwd=other)
     assert rc == 0, err
+
+
+def test_grid_run_maps_its_chosen_model(tmp_path, npz, capsys):
+    "A --select run keeps its checkpoints under train/grid<i>/; classmap loads the chosen one and agrees with the test OA."
+    from rs_prompt_lab.cli import main
+    out = tmp_path / "runs"
+    assert main(["train", "linear-probe", "--data", str(npz), "--out", str(out), "--backbone", "random:rs-tiny", "--epochs", "2",
+                 "--select", "lr=[0.0001,0.01]", *TRAIN]) == 0, capsys.readouterr().err
+    rd = next((out / "pixel" / "tiny2d").iterdir()) / "seed0"
+    m = load_json(rd / "metrics.json")
+    assert len(m["selection"]["grid"]) == 2 and (rd / "train" / f"grid{m['selection']['chosen']}" / "best.pt").exists()
+    assert main(["classmap", str(rd), "--device", "cpu", "--no-progress"]) == 0, capsys.readouterr().err
+    assert f"{100 * m['oa']:.2f}%" in capsys.readouterr().out
