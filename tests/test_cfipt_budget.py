@@ -80,7 +80,7 @@ def test_deviations_doc_matches_notebook():
     sec = [c for c in cells if c.startswith("## Deviations and interpretive choices")]
     assert len(sec) == 1
     body = sec[0].split("\n", 1)[1].rsplit("\n\nThe same list is kept in", 1)[0]
-    doc = (ROOT / "docs" / "cfipt_deviations.md").read_text()
+    doc = (ROOT / "nbs" / "cfipt_deviations.md").read_text()
     assert _section(body) in _section(doc)
     for topic in ("S2PtTrans", "ones at p = 1", "1/√E", "Row normalisation", "1x1 projection before AMFF", "CBAM",
                   "Bidirectional scan", "d_state / expand", "last IAE stage without GELU", "replaces the article 'a'",
