@@ -12,8 +12,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['RSLabError', 'DataError', 'ConfigError', 'suggest', 'check_choice', 'get_logger', 'seed_everything', 'get_device',
-           'write_error', 'atomic_path', 'atomic_write', 'to_jsonable', 'save_json', 'load_json', 'record', 'sha256sum',
-           'git_commit', 'provenance', 'trainable_parameters', 'count_parameters']
+           'first_line', 'write_error', 'atomic_path', 'atomic_write', 'to_jsonable', 'save_json', 'load_json',
+           'record', 'sha256sum', 'git_commit', 'provenance', 'trainable_parameters', 'count_parameters']
 
 # %% ../nbs/00_core.ipynb #c7496b65
 class RSLabError(ValueError):
@@ -95,6 +95,10 @@ def _umask() -> int:
     "The process umask (read without changing it for more than an instant)."
     m = os.umask(0); os.umask(m); return m
 
+def first_line(e: BaseException) -> str:
+    "The first line of an exception's message (which may be empty), at most 200 characters."
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
 def write_error(path: str | Path, e: BaseException) -> "RSLabError":
     "The one-line error of a failed write to `path`: the reason, the free space, and that the old file is intact."
     import shutil
@@ -102,8 +106,7 @@ def write_error(path: str | Path, e: BaseException) -> "RSLabError":
     try: free = f"{shutil.disk_usage(next(p for p in [path.parent, *path.parents] if p.exists())).free / 2**20:.1f} MiB free"
     except (OSError, StopIteration): free = "free space unknown"
     kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
-    msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    return RSLabError(f"{path}: could not write ({msg}; {free} in {path.parent}); {kept}, nothing else was changed; "
+    return RSLabError(f"{path}: could not write ({first_line(e)}; {free} in {path.parent}); {kept}, nothing else was changed; "
                       "free space or make the folder writable (or write elsewhere), then rerun")
 
 @contextmanager

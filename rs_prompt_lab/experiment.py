@@ -399,7 +399,9 @@ def check_resumable(rd: Path, split_hash: str | None, data_hash: str, # split_ha
                           f"{data_hash if what == 'data' else split_hash}): the dataset changed since it started; delete {rd} to start "
                           "this seed again, or give this run another --name / --out")
 
-def run_seed(scene: Scene, cfg: PixelExpCfg, seed: int) -> dict:
+def run_seed(scene: Scene, cfg: PixelExpCfg, seed: int,
+             data_hash: str | None = None, # data_fingerprint(scene), when the caller computed it once for all seeds
+            ) -> dict:
     "Split, normalise, train/fit, test once; write config.json, split, normalizers.json and (last) metrics.json. Returns the metrics."
     eff, rd = cfg.effective(), cfg.run_dir(seed)
     check_same(cfg, rd)
@@ -409,7 +411,7 @@ def run_seed(scene: Scene, cfg: PixelExpCfg, seed: int) -> dict:
         hsi = next(iter(scene.modalities))
         scene, _ = pca_reduce(scene, hsi, cfg.method_cfg.pca_components, fit_mask=split.mask("train", scene.shape), seed=seed)
     norms = fit_normalizers(scene, split.train, cfg.normalise)
-    data_hash = data_fingerprint(scene)
+    data_hash = data_hash or data_fingerprint(scene)
     check_resumable(rd, split.hash(), data_hash)   # an interrupted seed resumes only on the same data and split
     rd.mkdir(parents=True, exist_ok=True)
     sfile = save_split(split, rd); save_normalizers(norms, rd/"normalizers.json")
@@ -460,7 +462,7 @@ def run_pixel_experiment(cfg: PixelExpCfg, # the experiment
     scene = check_pixel_scene(select_modalities(scene, cfg.modalities), cfg.patch_size) if scene is not None else load_scene(cfg)
     data_hash = data_fingerprint(scene)
     def one(seed):
-        m = run_seed(scene, cfg, seed)
+        m = run_seed(scene, cfg, seed, data_hash)
         log.info(f"{cfg.cfg_name} seed {seed}: OA {m['oa']:.4f} AA {m['aa']:.4f} kappa {m['kappa']:.4f}")
     run_seeds(cfg, one, cfg.progress, check_finished=lambda rd: check_resumable(rd, None, data_hash, finished=True))
     return summarize(cfg)
@@ -519,9 +521,10 @@ def classmap_from_run(run_dir, # a seed folder (or a configuration folder: its l
     if was is not None and bands != was:
         raise DataError(f"{cfg.dataset}: the data has bands {bands} but the run at {rd} was trained on {was}; point --root at the data it was trained on")
     was_hash = c.get("dataset", {}).get("data_hash")
-    if was_hash is not None and data_fingerprint(scene) != was_hash:
+    now_hash = data_fingerprint(scene) if was_hash is not None else None
+    if was_hash is not None and now_hash != was_hash:
         raise DataError(f"{cfg.dataset}: the data differs from what the run at {rd} was trained on (data hash {was_hash} -> "
-                        f"{data_fingerprint(scene)}); point --root at the data it was trained on")
+                        f"{now_hash}); point --root at the data it was trained on")
     model = load_run_model(rd, cfg, seed, scene)
     pred = predict_scene(model, scene, cfg.patch_size, batch_size or cfg.eval_batch_size, device,
                          normalizers=load_normalizers(rd/"normalizers.json"), progress=progress, amp=cfg.amp)

@@ -48,8 +48,8 @@ _CF, _BL, _CL = "rs_prompt_lab.cfipt.model", "rs_prompt_lab.baselines", "rs_prom
 _PX, _ANY = ("pixel",), ("pixel", "scene")
 
 _PROMPT_BUDGET = {"steps": 1000, "lr": 2e-3}   # shared context through a frozen text tower trains slowly (CoOp: 200 epochs)
-_CF_BUDGET = {"steps": 300, "lr": 2e-3}        # CF-IPT's input encoder and per-layer prompts converge in fewer steps
-_LP_BUDGET = {"steps": 500, "lr": 2e-3}
+_CF_BUDGET = {"steps": 300, "lr": 2e-3}        # real Houston seed 0: 94.5 % OA, best val epoch 27 of 30 (may be short: --select it)
+_LP_BUDGET = {"steps": 500, "lr": 2e-3}        # real Houston seed 0: best val epoch 28 of 50 (plateau)
 
 def _cf(name: str, fixed: dict, note: str) -> MethodEntry:
     return MethodEntry(name, _PX, f"{_CF}:build_cfipt", f"{_CF}:CFIPTCfg", fixed, note, budget=_CF_BUDGET)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from .core import (ConfigError, DataError, RSLabError, atomic_path, check_choice, get_device,
-                                get_logger, provenance, record, save_json, seed_everything, write_error)
+                                get_logger, provenance, record, save_json, seed_everything, write_error, first_line)
 from .config import Cfg
 from .records import logits_of
 
@@ -331,10 +331,6 @@ def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
 
-def _first_line(e: BaseException) -> str:
-    "The first line of an exception's message (the message may be empty)."
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
 def save_checkpoint(obj: dict, path: str | Path) -> Path:
     "torch.save `obj` to `path` atomically: a failed write (full disk, read-only folder) leaves the previous file intact."
     path = Path(path)
@@ -350,7 +346,7 @@ def load_checkpoint(path: str | Path) -> dict:
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the checkpoint is empty (0 bytes; the usual leftover of a full disk or a killed write)")
     try: return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e: raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+    except Exception as e: raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line(e)})") from None
 
 # %% ../nbs/40_train.ipynb #811db34d
 @patch
