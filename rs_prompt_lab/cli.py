@@ -40,7 +40,8 @@ def main(argv: list | None = None) -> int:
     except ImportError as e:
         print(f"error: command group {group!r} is not available in this build ({e})", file=sys.stderr); return 2
     parser = argparse.ArgumentParser(prog=f"rs-lab {group}", description=GROUPS[group][1])
-    mod.configure_cli(parser, group)
+    route = getattr(mod, "route", None)   # a module may pick a variant of its group from the arguments (train: pixel or scene)
+    mod.configure_cli(parser, route(group, argv[1:]) if route else group)
     args = parser.parse_args(argv[1:])
     if not hasattr(args, "func"):
         parser.print_help(); return 2

@@ -61,11 +61,14 @@ class ImageSpec:
     class_names: list
     size: int = 224          # image side fed to the input module
     channels: int = 3
+    caption_dim: int | None = None  # width of the caption embeddings under `batch['caption_emb']` (caption-conditioned methods)
     task = "scene"
 
     def __post_init__(self):
         self.class_names = class_list(self.class_names)
         if self.channels < 1 or self.size < 1: raise ConfigError(f"ImageSpec needs size and channels >= 1, got {self.size}, {self.channels}")
+        if self.caption_dim is not None and (isinstance(self.caption_dim, bool) or not isinstance(self.caption_dim, int) or self.caption_dim < 1):
+            raise ConfigError(f"ImageSpec caption_dim must be an integer >= 1 (the caption encoder's width) or None, got {self.caption_dim!r}")
 
 @dataclass
 class PairSpec:

@@ -26,6 +26,7 @@ class MethodEntry:
     trains: bool = True                        # False: evaluation only (zero-shot)
     backbone: bool = True                      # False: no CLIP backbone (scikit-learn methods)
     budget: dict = field(default_factory=dict) # default training budget {'steps': N, 'lr': x} (experiment budget='method')
+    scene_budget: dict = field(default_factory=dict) # the same for the scene protocols (few-shot images: fewer, larger steps)
 
     def cfg_class(self) -> type: return _attr(self.cfg) if isinstance(self.cfg, str) else self.cfg
     def factory_fn(self): return _attr(self.factory) if isinstance(self.factory, str) else self.factory
@@ -44,12 +45,14 @@ def _attr(path: str):
     except (ImportError, AttributeError) as e: raise ConfigError(f"cannot import {name!r} from {mod!r} ({type(e).__name__}: {e})") from None
 
 # %% ../nbs/35_methods.ipynb #5ed9a333
-_CF, _BL, _CL = "rs_prompt_lab.cfipt.model", "rs_prompt_lab.baselines", "rs_prompt_lab.classical"
+_CF, _BL, _CL, _BM = "rs_prompt_lab.cfipt.model", "rs_prompt_lab.baselines", "rs_prompt_lab.classical", "rs_prompt_lab.scene.bimors"
+_SC = ("scene",)
 _PX, _ANY = ("pixel",), ("pixel", "scene")
 
 _PROMPT_BUDGET = {"steps": 1000, "lr": 2e-3}   # shared context through a frozen text tower trains slowly (CoOp: 200 epochs)
 _CF_BUDGET = {"steps": 300, "lr": 2e-3}        # real Houston seed 0: 94.5 % OA, best val epoch 27 of 30 (may be short: --select it)
 _LP_BUDGET = {"steps": 500, "lr": 2e-3}        # real Houston seed 0: best val epoch 28 of 50 (plateau)
+_SCENE_BUDGET = {"steps": 300, "lr": 2e-3}     # scene protocols, 16 shots x 22 classes at batch 32 (~27 epochs): SCENE_BUDGET_NOTE
 
 def _cf(name: str, fixed: dict, note: str) -> MethodEntry:
     return MethodEntry(name, _PX, f"{_CF}:build_cfipt", f"{_CF}:CFIPTCfg", fixed, note, budget=_CF_BUDGET)
@@ -68,15 +71,19 @@ METHODS = {e.name: e for e in [
     _cf("cfipt-amff-full", {"amff_input": "full"}, "interpretive: AMFF on the C + D channels, no 1x1 projection first"),
     _cf("cfipt-iae-gelu", {"iae_last_act": True}, "interpretive: GELU after the last IAE stage too"),
     _cf("cfipt-forward-scan", {"scan_direction": "forward"}, "interpretive: causal (forward-only) S2GPT scan"),
-    MethodEntry("coop", _ANY, f"{_BL}:build_coop", f"{_BL}:CoOpCfg", {}, "CoOp: learnable text context (pixels: PCA-3 image)", budget=_PROMPT_BUDGET),
-    MethodEntry("cocoop", _ANY, f"{_BL}:build_cocoop", f"{_BL}:CoCoOpCfg", {}, "CoCoOp: context + image-conditioned meta-net (pixels: PCA-3 image)", budget=_PROMPT_BUDGET),
-    MethodEntry("maple", _ANY, f"{_BL}:build_maple", f"{_BL}:MaPLeCfg", {}, "MaPLe-style deep text prompts projected to vision prompts (pixels: PCA-3 image)", budget=_PROMPT_BUDGET),
-    MethodEntry("linear-probe", _ANY, f"{_BL}:build_linear_probe", f"{_BL}:LinearProbeCfg", {}, "linear classifier on frozen image features (pixels: PCA-3 image)", budget=_LP_BUDGET),
+    MethodEntry("coop", _ANY, f"{_BL}:build_coop", f"{_BL}:CoOpCfg", {}, "CoOp: learnable text context (pixels: PCA-3 image)", budget=_PROMPT_BUDGET, scene_budget=_SCENE_BUDGET),
+    MethodEntry("cocoop", _ANY, f"{_BL}:build_cocoop", f"{_BL}:CoCoOpCfg", {}, "CoCoOp: context + image-conditioned meta-net (pixels: PCA-3 image)", budget=_PROMPT_BUDGET, scene_budget=_SCENE_BUDGET),
+    MethodEntry("maple", _ANY, f"{_BL}:build_maple", f"{_BL}:MaPLeCfg", {}, "MaPLe-style deep text prompts projected to vision prompts (pixels: PCA-3 image)", budget=_PROMPT_BUDGET, scene_budget=_SCENE_BUDGET),
+    MethodEntry("linear-probe", _ANY, f"{_BL}:build_linear_probe", f"{_BL}:LinearProbeCfg", {}, "linear classifier on frozen image features (pixels: PCA-3 image)", budget=_LP_BUDGET, scene_budget=_SCENE_BUDGET),
     MethodEntry("coop-full", _PX, f"{_BL}:build_coop", f"{_BL}:CoOpCfg", {"input": "projection"}, "CoOp on every band of every modality (learned 1x1 projection, PCA-initialised)", budget=_PROMPT_BUDGET),
     MethodEntry("cocoop-full", _PX, f"{_BL}:build_cocoop", f"{_BL}:CoCoOpCfg", {"input": "projection"}, "CoCoOp on every band of every modality (learned 1x1 projection, PCA-initialised)", budget=_PROMPT_BUDGET),
     MethodEntry("maple-full", _PX, f"{_BL}:build_maple", f"{_BL}:MaPLeCfg", {"input": "projection"}, "MaPLe-style prompts on every band of every modality (learned 1x1 projection, PCA-initialised)", budget=_PROMPT_BUDGET),
     MethodEntry("linear-probe-full", _PX, f"{_BL}:build_linear_probe", f"{_BL}:LinearProbeCfg", {"input": "projection"}, "linear probe + learned 1x1 projection of every band of every modality (PCA-initialised)", budget=_LP_BUDGET),
     MethodEntry("zeroshot", _ANY, f"{_BL}:build_zeroshot", f"{_BL}:ZeroShotCfg", {}, "zero-shot CLIP, RS templates (pixels: PCA-3 image; nothing trains)", trains=False),
+    MethodEntry("bimors", _SC, f"{_BM}:build_bimors", f"{_BM}:BiMoRSCfg", {}, "BiMoRS: context refined per image by cross-attention over [visual token, caption token]", scene_budget=_SCENE_BUDGET),
+    MethodEntry("bimors-no-caption", _SC, f"{_BM}:build_bimors", f"{_BM}:BiMoRSCfg", {"keys": "visual"}, "ablation: BiMoRS without the caption (visual meta-net token only)", scene_budget=_SCENE_BUDGET),
+    MethodEntry("bimors-no-metanet", _SC, f"{_BM}:build_bimors", f"{_BM}:BiMoRSCfg", {"keys": "caption"}, "ablation: BiMoRS without the meta-net (caption token only)", scene_budget=_SCENE_BUDGET),
+    MethodEntry("bimors-frozen-proj", _SC, f"{_BM}:build_bimors", f"{_BM}:BiMoRSCfg", {"train_caption_proj": False}, "official: caption projection frozen at its random init", scene_budget=_SCENE_BUDGET),
     MethodEntry("svm", _PX, f"{_CL}:build_svm", f"{_CL}:SVMCfg", {}, "RBF SVM on every band of the centre pixel, C/gamma on validation", backbone=False),
     MethodEntry("rf", _PX, f"{_CL}:build_rf", f"{_CL}:RFCfg", {}, "random forest on every band of the centre pixel, max_features on validation", backbone=False),
 ]}
@@ -167,8 +174,8 @@ def backbone_for_counting(name: str, weights: str | None = None) -> tuple:
 
 # %% ../nbs/35_methods.ipynb #a66dab66
 def params_report(method: str, backbone: str = "rs-tiny", bands: dict | str = "hsi=144,lidar=1", patch_size: int = 11,
-                  n_classes: int = 15, weights: str | None = None, **options) -> tuple:
-    "(ParamTable, note) of `method` built on `backbone` for this pixel-data geometry."
+                  n_classes: int = 15, weights: str | None = None, caption_dim: int = 768, **options) -> tuple:
+    "(ParamTable, note) of `method` built on `backbone` for this pixel-data geometry (scene methods: images of the backbone's size)."
     from rs_prompt_lab.backbones import param_table
     from rs_prompt_lab.inputs import PixelSpec
     e = METHODS[check_choice(method, list_methods(), "method")]
@@ -176,8 +183,12 @@ def params_report(method: str, backbone: str = "rs-tiny", bands: dict | str = "h
     if n_classes < 1: raise ConfigError(f"--classes must be >= 1, got {n_classes}")
     bands = parse_bands(bands) if isinstance(bands, str) else bands
     clip, note = backbone_for_counting(backbone, weights)
-    m = create_method(method, clip, PixelSpec([f"class {i + 1}" for i in range(n_classes)], bands, patch_size), **options)
-    return param_table(m), note
+    names = [f"class {i + 1}" for i in range(n_classes)]
+    if "pixel" in e.tasks: spec = PixelSpec(names, bands, patch_size)
+    else:   # scene methods: the backbone's own image size; caption width of bert-base-uncased (the paper's encoder) unless given
+        from rs_prompt_lab.inputs import ImageSpec
+        spec = ImageSpec(names, size=clip.image_size[0], channels=clip.in_channels, caption_dim=caption_dim)
+    return param_table(create_method(method, clip, spec, **options)), note
 
 def configure_cli(parser: argparse.ArgumentParser, group: str):
     "The `params` command: per-module parameter table of a method on a backbone."
@@ -187,6 +198,7 @@ def configure_cli(parser: argparse.ArgumentParser, group: str):
     parser.add_argument("--patch-size", type=int, default=11, help="odd patch side")
     parser.add_argument("--classes", type=int, default=15, help="number of classes")
     parser.add_argument("--weights", default=None, help="checkpoint file for the backbone")
+    parser.add_argument("--caption-dim", type=int, default=768, help="scene methods with captions: caption embedding width (768: bert-base-uncased)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable (e.g. depth=6)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=_cli_params)
@@ -197,10 +209,11 @@ def _cli_params(args) -> int:
         k, sep, v = o.partition("=")
         if not sep: raise ConfigError(f"--option {o!r} must look like KEY=VALUE")
         opts[k.strip()] = _value(v.strip())
-    tab, note = params_report(args.method, args.backbone, args.bands, args.patch_size, args.classes, args.weights, **opts)
+    tab, note = params_report(args.method, args.backbone, args.bands, args.patch_size, args.classes, args.weights, args.caption_dim, **opts)
     if args.json:
         print(json.dumps(dict(tab.to_dict(), method=args.method, backbone=args.backbone, note=note), indent=2)); return 0
-    print(f"{args.method} on {args.backbone}, bands {args.bands}, patch {args.patch_size}, {args.classes} classes")
+    geometry = f"bands {args.bands}, patch {args.patch_size}" if "pixel" in METHODS[args.method].tasks else f"scene images, caption width {args.caption_dim}"
+    print(f"{args.method} on {args.backbone}, {geometry}, {args.classes} classes")
     if note: print(note)
     print(tab)
     print(f"trainable: {tab.trainable} ({tab.trainable_pct:.3f}% of backbone)")

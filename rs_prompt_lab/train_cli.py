@@ -9,7 +9,7 @@ from pathlib import Path
 from .core import ConfigError, get_logger
 
 # %% auto #0
-__all__ = ['configure_cli', 'cfg_from_args']
+__all__ = ['route', 'configure_cli', 'cfg_from_args', 'scene_cfg_from_args']
 
 # %% ../nbs/61_train_cli.ipynb #56851574
 from .config import parse_kv as parse_param, add_cfg_arguments, cfg_from_args as _cfg_from_ns
@@ -35,9 +35,36 @@ def _classmap_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=None, help="dataset folder, if it moved since training")
     p.add_argument("--no-progress", action="store_true")
 
+def route(group: str, argv: list) -> str:
+    "'train-scene' for a scene method, a `--protocol` or a scene-classification `--data`; else the group as given."
+    if group != "train": return group
+    from rs_prompt_lab.methods import METHODS
+    if any(a == "--protocol" or a.startswith("--protocol=") for a in argv): return "train-scene"
+    meth = next((a for a in argv if not a.startswith("-")), None)
+    if meth in METHODS and "pixel" not in METHODS[meth].tasks: return "train-scene"
+    data = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--data"), None)
+    if data:
+        try:
+            from rs_prompt_lab.data.manifest import get_manifest
+            if get_manifest(data).task == "scene-classification": return "train-scene"
+        except Exception: pass   # an unknown dataset is reported by the pixel parser's own checks
+    return group
+
+def _scene_args(p: argparse.ArgumentParser) -> None:
+    from rs_prompt_lab.scene.protocol import SceneExpCfg
+    from rs_prompt_lab.methods import list_methods
+    p.add_argument("method", help="a scene method: " + ", ".join(list_methods(task="scene")))
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds, e.g. 1 2 3 (default 1 2 3)")
+    add_cfg_arguments(p, SceneExpCfg, flags=_FLAGS, skip=_SKIP)
+
 def configure_cli(parser: argparse.ArgumentParser, group: str):
-    "The `train` and `classmap` groups of rs-lab."
-    if group == "train": _train_args(parser); parser.set_defaults(func=_cli_train)
+    "The `train` (pixel or scene, see `route`) and `classmap` groups of rs-lab."
+    if group == "train":
+        parser.description = "train a pixel-classification method (scene methods and protocols: rs-lab train bimors --protocol b2n --help)"
+        _train_args(parser); parser.set_defaults(func=_cli_train)
+    elif group == "train-scene":
+        parser.prog, parser.description = "rs-lab train", "train a scene-classification method under a protocol (fewshot, b2n, cross, dg)"
+        _scene_args(parser); parser.set_defaults(func=_cli_train_scene)
     elif group == "classmap": _classmap_args(parser); parser.set_defaults(func=_cli_classmap)
     else: raise ConfigError(f"rs_prompt_lab.train_cli implements the groups 'train' and 'classmap', not {group!r}")
 
@@ -55,6 +82,19 @@ def _cli_train(a) -> int:
     cfg = cfg_from_args(a)
     s = run_pixel_experiment(cfg)
     print(s["table"]); print(f"runs: {cfg.cfg_dir}  (summary.json, seed*/config.json, metrics.json, train/best.pt)")
+    return 0
+
+def scene_cfg_from_args(a: argparse.Namespace):
+    "The SceneExpCfg of `rs-lab train METHOD --protocol ...` arguments."
+    from rs_prompt_lab.scene.protocol import SceneExpCfg
+    cfg = _cfg_from_ns(SceneExpCfg, a, flags=_FLAGS, method=a.method, **({"seeds": a.seeds} if a.seeds else {}))
+    return cfg.check()
+
+def _cli_train_scene(a) -> int:
+    from rs_prompt_lab.scene.protocol import run_scene_experiment
+    cfg = scene_cfg_from_args(a)
+    s = run_scene_experiment(cfg)
+    print(s["table"]); print(f"runs: {cfg.cfg_dir}  (summary.json, seed*/config.json, split.json, metrics.json, train/curve.png)")
     return 0
 
 def _cli_classmap(a) -> int:

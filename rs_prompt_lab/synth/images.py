@@ -13,8 +13,9 @@ from .spectra import LIB_GRID, get_sensor, sample_spectra
 from .scene import _Canvas, RECIPES, SAR_DB, BUILDINGS, _smooth, _cast_shadow
 
 # %% auto #0
-__all__ = ['PARTS', 'SCENE_CLASSES', 'DOMAINS', 'MODALITY_SENSORS', 'CLASS_MAIN', 'Domain', 'colour_name', 'render_scene_image',
-           'make_captions', 'SynthImage', 'make_scene_images', 'make_paired_images']
+__all__ = ['PARTS', 'SCENE_CLASSES', 'RENAMED_CLASSES', 'PRESETS', 'DOMAINS', 'MODALITY_SENSORS', 'CLASS_MAIN', 'Domain',
+           'colour_name', 'render_scene_image', 'make_captions', 'SynthImage', 'make_scene_images',
+           'make_paired_images']
 
 # %% ../../nbs/17_synth.images.ipynb #a76091fe
 PARTS = {  # part -> (recipe, caption noun)
@@ -161,6 +162,12 @@ def _lay(name, cv, rng):
 SCENE_CLASSES = ["dense residential", "sparse residential", "forest", "river", "lake", "farmland", "circular farmland",
                  "parking lot", "freeway", "intersection", "runway", "beach", "desert", "industrial area", "golf course",
                  "baseball field", "tennis court", "storage tanks", "railway", "harbor", "meadow", "commercial area"]
+RENAMED_CLASSES = {  # preset 'renamed': a second class list (other words for 14 of the scenes), for cross-dataset transfer
+    "dense residential": "dense houses", "forest": "forest area", "river": "river water", "lake": "lake water",
+    "farmland": "farm fields", "freeway": "freeway road", "parking lot": "parking area", "beach": "sand beach",
+    "desert": "sandy desert", "industrial area": "industrial buildings", "storage tanks": "storage tank",
+    "railway": "railway tracks", "harbor": "harbor boats", "meadow": "grass meadow"}
+PRESETS = ("default", "renamed")   # scene-class sets of make_scene_images
 
 # %% ../../nbs/17_synth.images.ipynb #7e4820ed
 @dataclass(frozen=True)
@@ -176,7 +183,9 @@ class Domain:
 
 DOMAINS = {"aerial-rgb": Domain(),
            "aerial-autumn": Domain(season="autumn", sun=(160.0, 30.0), haze=0.01, white=0.25),
-           "sentinel-like": Domain(supersample=3, sun=(150.0, 45.0), haze=0.03, white=0.25, snr=30.0, blur=0.5)}
+           "sentinel-like": Domain(supersample=3, sun=(150.0, 45.0), haze=0.03, white=0.25, snr=30.0, blur=0.5),
+           "sentinel-autumn": Domain(supersample=3, season="autumn", sun=(165.0, 28.0), haze=0.04, white=0.25, snr=28.0, blur=0.6)}
+# domains are appended, never reordered: an image's seed includes its domain's position
 MODALITY_SENSORS = {"rgb": "rgb", "s2": "sentinel2-msi"}
 _VEG = {"grass", "grass_stressed", "tree", "low_plants", "vine"}
 _MAT_WORDS = {"roof_shingle": "shingle", "roof_tile": "tile", "roof_metal": "metal", "roof_gravel": "gravel", "concrete": "concrete",
@@ -288,9 +297,9 @@ def _noun(part, n=2):
 def _qty(n, rng):
     return "a" if n == 1 else _NUM[n] if n <= 12 and rng.random() < .7 else "several" if n <= 5 else "many"
 
-def make_captions(name: str, facts: dict, rng: np.random.Generator) -> list:
-    "Five captions for an image of class `name` from its layout facts."
-    main = CLASS_MAIN[name]; f = facts.get(main) or max(facts.values(), key=lambda v: v["area"])
+def make_captions(name: str, facts: dict, rng: np.random.Generator, label: str | None = None) -> list:
+    "Five captions for an image of class `name` from its layout facts (`label`: the class word the captions use, default `name`)."
+    main, name = CLASS_MAIN[name], label or name; f = facts.get(main) or max(facts.values(), key=lambda v: v["area"])
     others = [p for p, v in sorted(facts.items(), key=lambda kv: -kv[1]["area"]) if p != main][:3]
     oth = [_noun(p) for p in others] or ["open ground"]
     olist = oth[0] if len(oth) == 1 else ", ".join(oth[:-1]) + " and " + oth[-1]
@@ -309,8 +318,9 @@ def make_captions(name: str, facts: dict, rng: np.random.Generator) -> list:
 # %% ../../nbs/17_synth.images.ipynb #8b0dcbb2
 class SynthImage:
     "A lazily rendered synthetic image (np.asarray(item) renders it)."
-    def __init__(self, name, size, seed, domain, modality):
+    def __init__(self, name, size, seed, domain, modality, image_id: str | None = None):
         self.name, self.size, self.seed, self.domain, self.modality = name, size, seed, domain, modality
+        self.image_id = image_id   # stable name within its dataset (caption caches are keyed by it)
     def render(self) -> np.ndarray: return render_scene_image(self.name, self.size, self.seed, self.domain, (self.modality,))[0][self.modality]
     def __array__(self, dtype=None, copy=None):
         x = self.render(); return x if dtype is None else x.astype(dtype)
@@ -320,11 +330,11 @@ class SynthImage:
 _DOM_ID = {d: i for i, d in enumerate(DOMAINS)}
 
 def _check(preset, n_per_class, size, domain, classes):
-    check_choice(preset, ["default"], "scene-image preset")
+    check_choice(preset, PRESETS, "scene-image preset")
     if not isinstance(n_per_class, (int, np.integer)) or n_per_class < 1: raise ConfigError(f"n_per_class must be an integer >= 1, got {n_per_class!r}")
     if not isinstance(size, (int, np.integer)) or size < 16: raise ConfigError(f"size must be an integer >= 16 px, got {size!r}")
     check_choice(domain, DOMAINS, "domain")
-    for c in classes: check_choice(c, SCENE_CLASSES, "scene class")
+    for c in classes: check_choice(c, SCENE_CLASSES if preset == "default" else list(RENAMED_CLASSES), f"scene class of preset {preset!r}")
 
 def _specs(n_per_class, seed, domain, classes):
     "(class index, image seed) for every image, and the per-class 60/20/20 split."
@@ -344,20 +354,22 @@ def make_scene_images(preset: str = "default", # the scene-class set ('default':
                       seed: int = 0, # same seed -> same images and captions
                       domain: str = "aerial-rgb", # one of DOMAINS
                       modality: str = "rgb", # 'rgb' (uint8), 's2' (13 bands), 'sar' (VV/VH dB) or 'all'
-                      classes: list | None = None, # a subset of SCENE_CLASSES (default: all)
+                      classes: list | None = None, # a subset of the preset's scenes, by their SCENE_CLASSES names (default: all)
                      ) -> ImageTextDataset | dict:
     "Synthetic scene-classification images with five captions each (a dict of datasets for modality='all')."
-    classes = list(classes or SCENE_CLASSES); _check(preset, n_per_class, size, domain, classes)
+    classes = list(classes or (SCENE_CLASSES if preset == "default" else RENAMED_CLASSES)); _check(preset, n_per_class, size, domain, classes)
+    names = classes if preset == "default" else [RENAMED_CLASSES[c] for c in classes]   # the class list the dataset shows
     mods = ["rgb", "s2", "sar"] if modality == "all" else [check_choice(modality, ["rgb", "s2", "sar", "all"], "modality")]
     specs, splits = _specs(n_per_class, seed, domain, classes)
-    caps, items = [], {m: [] for m in mods}
+    caps, items, seen = [], {m: [] for m in mods}, {}
     for ci, ss in specs:
         _, facts = render_scene_image(classes[ci], size, ss, domain, ())      # layout only: the facts for captions
-        caps.append(make_captions(classes[ci], facts, np.random.default_rng(ss.spawn(1)[0])))
-        for m in mods: items[m].append(SynthImage(classes[ci], size, ss, domain, m))
+        caps.append(make_captions(classes[ci], facts, np.random.default_rng(ss.spawn(1)[0]), label=names[ci]))
+        i = seen[ci] = seen.get(ci, -1) + 1
+        for m in mods: items[m].append(SynthImage(classes[ci], size, ss, domain, m, image_id=f"{names[ci].replace(' ', '_')}_{i:04d}"))
     labels = np.array([ci for ci, _ in specs])
     meta = dict(generator="rs_prompt_lab.synth.images:make_scene_images", preset=preset, n_per_class=n_per_class, size=size, seed=seed, domain=domain)
-    ds = {m: ImageTextDataset(items[m], labels, classes, caps, {k: np.array(v) for k, v in splits.items()},
+    ds = {m: ImageTextDataset(items[m], labels, names, caps, {k: np.array(v) for k, v in splits.items()},
                               f"synthetic-scenes-{m}", domain, meta=dict(meta, modality=m,
                               bands=list(get_sensor(MODALITY_SENSORS[m]).band_names) if m != "sar" else ["VV", "VH"])) for m in mods}
     return ds if modality == "all" else ds[mods[0]]
