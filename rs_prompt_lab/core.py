@@ -4,16 +4,17 @@
 
 # %% ../nbs/00_core.ipynb #5667f8b1
 from __future__ import annotations
-import json, logging, os, random, sys, tempfile, hashlib, difflib
+import json, logging, os, random, re, sys, tempfile, hashlib, difflib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 import numpy as np
 
 # %% auto #0
-__all__ = ['RSLabError', 'DataError', 'ConfigError', 'suggest', 'check_choice', 'get_logger', 'seed_everything', 'get_device',
-           'first_line', 'write_error', 'atomic_path', 'atomic_write', 'to_jsonable', 'save_json', 'load_json',
-           'record', 'sha256sum', 'git_commit', 'provenance', 'trainable_parameters', 'count_parameters']
+__all__ = ['RSLabError', 'DataError', 'ConfigError', 'suggest', 'check_choice', 'slug', 'short_hash', 'check_int', 'get_logger',
+           'seed_everything', 'get_device', 'first_line', 'write_error', 'atomic_path', 'atomic_write', 'to_jsonable',
+           'save_json', 'load_json', 'record', 'sha256sum', 'git_commit', 'provenance', 'trainable_parameters',
+           'count_parameters']
 
 # %% ../nbs/00_core.ipynb #c7496b65
 class RSLabError(ValueError):
@@ -39,6 +40,20 @@ def check_choice(value: str, choices: Iterable[str], what: str = "value") -> str
     if value not in choices:
         raise ConfigError(f"unknown {what} {value!r}.{suggest(value, choices)} Allowed: {', '.join(map(str, choices))}")
     return value
+
+def slug(s) -> str:
+    "A file- and folder-safe version of `s` (runs of other characters become '_')."
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(s)).strip("_") or "x"
+
+def short_hash(obj, digits: int = 6) -> str:
+    "`digits` hex digits of the blake2b hash of a JSON-able object (sorted keys): names folders and cache files by settings."
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=(digits + 1) // 2).hexdigest()[:digits]
+
+def check_int(value, name: str, lo: int = 0) -> int:
+    "`value` as an int if it is an integer (not a bool) >= `lo`, else ConfigError naming `name`."
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
 
 # %% ../nbs/00_core.ipynb #dd937121
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -73,18 +73,9 @@ class PixelExpCfg(Cfg):
     progress: bool = True                    # tqdm bars
 
 # %% ../nbs/44_experiment.ipynb #09d39925
-def _slug(s) -> str:
-    "A folder-safe version of `s`."
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(s)).strip("_") or "x"
+from .core import slug as _slug, short_hash as _short_hash
 
-def _short_hash(d: dict) -> str:
-    "6 hex digits of a JSON-able dict (sorted keys)."
-    import json
-    return hashlib.blake2b(json.dumps(d, sort_keys=True, default=str).encode(), digest_size=3).hexdigest()
-
-def _int(v, name: str, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo: raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
-    return int(v)
+from .core import check_int as _int
 
 from fastcore.basics import patch
 

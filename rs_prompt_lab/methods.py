@@ -52,7 +52,8 @@ _PX, _ANY = ("pixel",), ("pixel", "scene")
 _PROMPT_BUDGET = {"steps": 1000, "lr": 2e-3}   # shared context through a frozen text tower trains slowly (CoOp: 200 epochs)
 _CF_BUDGET = {"steps": 300, "lr": 2e-3}        # real Houston seed 0: 94.5 % OA, best val epoch 27 of 30 (may be short: --select it)
 _LP_BUDGET = {"steps": 500, "lr": 2e-3}        # real Houston seed 0: best val epoch 28 of 50 (plateau)
-_SCENE_BUDGET = {"steps": 300, "lr": 2e-3}     # scene protocols, 16 shots x 22 classes at batch 32 (~27 epochs): SCENE_BUDGET_NOTE
+_SCENE_BUDGET = {"steps": 300, "lr": 2e-3}     # scene protocols (16 shots, batch 32): shared prompts and the linear probe
+_SCENE_PI_BUDGET = {"steps": 200, "lr": 2e-3}  # per-image prompts (B x K text pass): BiMoRS few-shot, 22 classes, seed 1: val plateau from step ~165
 
 def _cf(name: str, fixed: dict, note: str) -> MethodEntry:
     return MethodEntry(name, _PX, f"{_CF}:build_cfipt", f"{_CF}:CFIPTCfg", fixed, note, budget=_CF_BUDGET)
@@ -72,7 +73,7 @@ METHODS = {e.name: e for e in [
     _cf("cfipt-iae-gelu", {"iae_last_act": True}, "interpretive: GELU after the last IAE stage too"),
     _cf("cfipt-forward-scan", {"scan_direction": "forward"}, "interpretive: causal (forward-only) S2GPT scan"),
     MethodEntry("coop", _ANY, f"{_BL}:build_coop", f"{_BL}:CoOpCfg", {}, "CoOp: learnable text context (pixels: PCA-3 image)", budget=_PROMPT_BUDGET, scene_budget=_SCENE_BUDGET),
-    MethodEntry("cocoop", _ANY, f"{_BL}:build_cocoop", f"{_BL}:CoCoOpCfg", {}, "CoCoOp: context + image-conditioned meta-net (pixels: PCA-3 image)", budget=_PROMPT_BUDGET, scene_budget=_SCENE_BUDGET),
+    MethodEntry("cocoop", _ANY, f"{_BL}:build_cocoop", f"{_BL}:CoCoOpCfg", {}, "CoCoOp: context + image-conditioned meta-net (pixels: PCA-3 image)", budget=_PROMPT_BUDGET, scene_budget=_SCENE_PI_BUDGET),
     MethodEntry("maple", _ANY, f"{_BL}:build_maple", f"{_BL}:MaPLeCfg", {}, "MaPLe-style deep text prompts projected to vision prompts (pixels: PCA-3 image)", budget=_PROMPT_BUDGET, scene_budget=_SCENE_BUDGET),
     MethodEntry("linear-probe", _ANY, f"{_BL}:build_linear_probe", f"{_BL}:LinearProbeCfg", {}, "linear classifier on frozen image features (pixels: PCA-3 image)", budget=_LP_BUDGET, scene_budget=_SCENE_BUDGET),
     MethodEntry("coop-full", _PX, f"{_BL}:build_coop", f"{_BL}:CoOpCfg", {"input": "projection"}, "CoOp on every band of every modality (learned 1x1 projection, PCA-initialised)", budget=_PROMPT_BUDGET),
@@ -80,10 +81,10 @@ METHODS = {e.name: e for e in [
     MethodEntry("maple-full", _PX, f"{_BL}:build_maple", f"{_BL}:MaPLeCfg", {"input": "projection"}, "MaPLe-style prompts on every band of every modality (learned 1x1 projection, PCA-initialised)", budget=_PROMPT_BUDGET),
     MethodEntry("linear-probe-full", _PX, f"{_BL}:build_linear_probe", f"{_BL}:LinearProbeCfg", {"input": "projection"}, "linear probe + learned 1x1 projection of every band of every modality (PCA-initialised)", budget=_LP_BUDGET),
     MethodEntry("zeroshot", _ANY, f"{_BL}:build_zeroshot", f"{_BL}:ZeroShotCfg", {}, "zero-shot CLIP, RS templates (pixels: PCA-3 image; nothing trains)", trains=False),
-    MethodEntry("bimors", _SC, f"{_BM}:build_bimors", f"{_BM}:BiMoRSCfg", {}, "BiMoRS: context refined per image by cross-attention over [visual token, caption token]", scene_budget=_SCENE_BUDGET),
-    MethodEntry("bimors-no-caption", _SC, f"{_BM}:build_bimors", f"{_BM}:BiMoRSCfg", {"keys": "visual"}, "ablation: BiMoRS without the caption (visual meta-net token only)", scene_budget=_SCENE_BUDGET),
-    MethodEntry("bimors-no-metanet", _SC, f"{_BM}:build_bimors", f"{_BM}:BiMoRSCfg", {"keys": "caption"}, "ablation: BiMoRS without the meta-net (caption token only)", scene_budget=_SCENE_BUDGET),
-    MethodEntry("bimors-frozen-proj", _SC, f"{_BM}:build_bimors", f"{_BM}:BiMoRSCfg", {"train_caption_proj": False}, "official: caption projection frozen at its random init", scene_budget=_SCENE_BUDGET),
+    MethodEntry("bimors", _SC, f"{_BM}:build_bimors", f"{_BM}:BiMoRSCfg", {}, "BiMoRS: context refined per image by cross-attention over [visual token, caption token]", scene_budget=_SCENE_PI_BUDGET),
+    MethodEntry("bimors-no-caption", _SC, f"{_BM}:build_bimors", f"{_BM}:BiMoRSCfg", {"keys": "visual"}, "ablation: BiMoRS without the caption (visual meta-net token only)", scene_budget=_SCENE_PI_BUDGET),
+    MethodEntry("bimors-no-metanet", _SC, f"{_BM}:build_bimors", f"{_BM}:BiMoRSCfg", {"keys": "caption"}, "ablation: BiMoRS without the meta-net (caption token only)", scene_budget=_SCENE_PI_BUDGET),
+    MethodEntry("bimors-frozen-proj", _SC, f"{_BM}:build_bimors", f"{_BM}:BiMoRSCfg", {"train_caption_proj": False}, "official: caption projection frozen at its random init", scene_budget=_SCENE_PI_BUDGET),
     MethodEntry("svm", _PX, f"{_CL}:build_svm", f"{_CL}:SVMCfg", {}, "RBF SVM on every band of the centre pixel, C/gamma on validation", backbone=False),
     MethodEntry("rf", _PX, f"{_CL}:build_rf", f"{_CL}:RFCfg", {}, "random forest on every band of the centre pixel, max_features on validation", backbone=False),
 ]}

@@ -13,13 +13,13 @@ from .core import ConfigError, DataError, get_logger, load_json, save_json
 from .metrics import aggregate_seeds, format_mean_std, compare_to_reference, format_difference
 
 # %% auto #0
-__all__ = ['log', 'NOT_RESULT', 'result_cfg', 'check_same', 'seed_lock', 'run_seeds', 'summarize_runs', 'test_set_checks',
-           'warnings_of', 'save_training_curve', 'collect_summaries', 'results_table', 'differences_table',
-           'configure_cli', 'results_report']
+__all__ = ['log', 'NOT_RESULT', 'HEADLINE', 'result_cfg', 'check_same', 'seed_lock', 'run_seeds', 'summarize_runs',
+           'test_set_checks', 'warnings_of', 'save_training_curve', 'collect_summaries', 'results_table',
+           'differences_table', 'configure_cli', 'headline_keys', 'results_report']
 
 # %% ../nbs/43_runner.ipynb #8ff55efb
 log = get_logger(__name__)
-NOT_RESULT = ("seeds", "device", "num_workers", "progress", "out_dir", "root")  # fields that do not change a seed's result
+NOT_RESULT = ("seeds", "device", "num_workers", "progress", "out_dir", "root", "cache_dir")  # fields that do not change a seed's result
 
 def result_cfg(cfg) -> dict:
     "The settings of `cfg` that determine a seed's result."
@@ -177,18 +177,29 @@ def configure_cli(parser, group: str):
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
     parser.set_defaults(func=_cli_results)
 
+HEADLINE = {"oa": "OA", "aa": "AA", "kappa": "kappa x100", "acc": "accuracy", "base": "Base", "new": "New", "h": "H",
+            "source": "source", "target_mean": "target mean"}   # headline metric -> column label, in table order
+
+def headline_keys(group: list) -> tuple:
+    "(keys, labels) of the headline metrics any summary of `group` has: HEADLINE's order, then per-target ones ('target:NAME')."
+    have = {k for s in group for k in s["metrics"]}
+    keys = [k for k in HEADLINE if k in have] + sorted(k for k in have if k.startswith("target:"))
+    short = lambda k: k.split(":", 1)[1].split(":")[-1][-28:]
+    return keys, [HEADLINE[k] if k in HEADLINE else f"T {short(k)}" for k in keys]
+
 def results_report(folder, reference: str | None = None, confidence: float = 0.95) -> str:
-    "The text `rs-lab results` prints."
+    "The text `rs-lab results` prints: per dataset (and protocol), the mean ± std table and paired differences against `reference`."
     sums = collect_summaries(folder)
     if not sums: raise DataError(f"{folder}: no summary.json below it; run rs-lab train first (or check the folder)")
-    out = []
-    for ds in sorted({s.get("dataset") for s in sums}, key=str):
-        group = [s for s in sums if s.get("dataset") == ds]
-        out += [f"## {ds}", "", results_table(group)]
+    out, tag = [], lambda s: (f"{s['protocol']}: " if s.get("protocol") else "") + str(s.get("dataset"))
+    for ds in sorted({tag(s) for s in sums}, key=str):
+        group = [s for s in sums if tag(s) == ds]
+        hk, hl = headline_keys(group)
+        out += [f"## {ds}", "", results_table(group, hk, hl)]
         out += [w for s in group for w in (f"{s['cfg_name']}: {x}" for x in s.get("warnings", []))]
         if reference and any(s["cfg_name"] == reference for s in group):
-            keys = [k for k in ("oa", "aa", "kappa") if all(k in v for s in group for v in s["per_seed"].values())]
-            labels = [{"oa": "ΔOA", "aa": "ΔAA", "kappa": "Δkappa x100"}[k] for k in keys]
+            keys = [k for k in hk if all(k in v for s in group for v in s["per_seed"].values())]
+            labels = [f"Δ{HEADLINE.get(k, k)}" for k in keys]
             try: out += ["", differences_table(group, reference, keys=keys, labels=labels, confidence=confidence)[0]]
             except DataError as e: out += ["", f"(no paired differences for {ds}: {e})"]
         out.append("")

@@ -75,6 +75,10 @@ def test_cli_b2n_quick_writes_both_models_and_resumes(tmp_path, capsys):
     before = (seed / "metrics.json").stat().st_mtime_ns
     assert main(args) == 0                                                                   # finished seed: skipped
     assert (seed / "metrics.json").stat().st_mtime_ns == before
+    capsys.readouterr()
+    assert main(["results", str(tmp_path / "runs")]) == 0                                    # the scene table: its own columns
+    table = capsys.readouterr().out
+    assert "## b2n: synthetic-scenes" in table and "| Base | New | H |" in table
 
 
 def test_linear_probe_b2n_skips_new_classes_and_dg_scores_shared_ones(tmp_path):
@@ -166,7 +170,7 @@ def test_missing_captioner_weights_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("metrics.json"))
 
 
-def test_dg_target_with_classes_outside_the_source(tmp_path):
+def test_dg_target_with_classes_outside_the_source_via_cfg(tmp_path):
     cfg = _cfg(tmp_path, protocol="dg", targets=["synthetic-scenes:preset=renamed,n_per_class=12"])
     with pytest.raises(ConfigError, match="outside the source"):
         run_scene_experiment(cfg)
@@ -183,3 +187,81 @@ def test_bad_options_are_refused_before_any_work(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and words in err, (extra, err)
     assert not (tmp_path / "r").exists()
+
+
+# (e) the papermill experiment notebook ---------------------------------------------------------------------------------
+
+@pytest.mark.experiment
+def test_scene_experiment_notebook_runs(tmp_path, repo_root, monkeypatch):
+    import papermill as pm
+    for v in ("JUPYTER_RUNTIME_DIR", "JUPYTER_DATA_DIR", "IPYTHONDIR", "MPLCONFIGDIR"):   # hermetic: nothing under $HOME
+        (tmp_path / "home" / v.lower()).mkdir(parents=True)
+        monkeypatch.setenv(v, str(tmp_path / "home" / v.lower()))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1"); monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("RS_LAB_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "runs"
+    nb = pm.execute_notebook(str(repo_root / "nbs/experiments/02_scene_protocols.ipynb"), str(tmp_path / "out.ipynb"),
+                             parameters=dict(PROTOCOL="dg", METHODS=["zeroshot", "bimors"], REFERENCE="zeroshot", SHOTS=4,
+                                             DATASET_PARAMS={"n_per_class": 14, "domain": "aerial-rgb"}, SEEDS=[1], DEVICE="cpu",
+                                             OUT_DIR=str(out), QUICK=True),
+                             kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    m = load_json(next((out / "02_scene" / "dg").iterdir()) / "metrics.json")
+    assert m["protocol"] == "dg" and m["quick"] is True and 0 <= m["bimors"]["source"] <= 1 and "target_mean" in m["zeroshot"]
+
+
+# (f) review follow-ups: exact resume, the BERT encoder end to end, validated grids ---------------------------------------
+
+def test_interrupted_seed_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    "Killed after its first epoch (last.pt written), the seed resumes: same history and metrics as a run that was never stopped."
+    from rs_prompt_lab import train as T
+    kw = dict(method="coop", protocol="fewshot", quick=False, budget="cfg", steps=12, batch_size=16, max_test=40)
+    a = run_scene_experiment(_cfg(tmp_path / "a", **kw))
+    fit = T.Trainer.fit
+    def killed(self, resume=False, max_epochs=None):
+        fit(self, resume=resume, max_epochs=1); raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(T.Trainer, "fit", killed)
+    cb = _cfg(tmp_path / "b", **kw)
+    with pytest.raises(KeyboardInterrupt): run_scene_experiment(cb)
+    assert (cb.run_dir(1) / "train" / "last.pt").exists() and not (cb.run_dir(1) / "metrics.json").exists()
+    monkeypatch.setattr(T.Trainer, "fit", fit)
+    b = run_scene_experiment(cb)
+    ha = load_json(_cfg(tmp_path / "a", **kw).run_dir(1) / "train" / "metrics.json")["history"]
+    hb = load_json(cb.run_dir(1) / "train" / "metrics.json")["history"]
+    assert len(ha) == len(hb) > 1 and [r["train_loss"] for r in ha] == pytest.approx([r["train_loss"] for r in hb], rel=1e-5)
+    assert a["metrics"]["acc"]["mean"] == pytest.approx(b["metrics"]["acc"]["mean"], abs=1e-9)
+
+
+def test_bert_caption_encoder_through_the_command(tmp_path, capsys):
+    "--caption-encoder bert:PATH passes the checks and runs (a tiny random BERT saved like a download)."
+    from transformers import BertConfig, BertModel, BertTokenizer
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted({w.strip(".,:").lower() for w in
+             "an aerial view of a satellite image showing next to with in the middle upper lower left right part some many several "
+             "grass roads houses trees water sand buildings field soil tanks cars boats runway railway tracks parking lot".split()}) + [f"w{i}" for i in range(120)]
+    d = tmp_path / "tiny-bert"; d.mkdir(); (d / "vocab.txt").write_text("\n".join(words) + "\n")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(d)
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(d)
+    assert SceneExpCfg(caption_encoder=f"bert:{d}").check().caption_encoder.startswith("bert:")
+    rc = main(["train", "bimors", "--protocol", "fewshot", *SMALL, "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"),
+               "--caption-encoder", f"bert:{d}"])
+    assert rc == 0, capsys.readouterr().err
+    c = load_json(next((tmp_path / "r").rglob("seed1/config.json")))
+    assert c["captions"]["encoder"].startswith("bert-")
+
+
+def test_grids_and_specs_are_checked_before_work(tmp_path):
+    for kw, words in [(dict(select={"steps": [0]}), "select steps"), (dict(select={"lr": [-1.0]}), "lr value"),
+                      (dict(select={"lr": [1e-3]}, val_shots=0), "--val-shots"), (dict(caption_encoder="bert"), "bert needs the folder"),
+                      (dict(captioner="file:"), "needs a path")]:
+        with pytest.raises(ConfigError, match=words): _cfg(tmp_path, **kw).check()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dg_bad_target_and_synthetic_captions_on_files_leave_nothing(tmp_path):
+    from rs_prompt_lab.scene.protocol import load_datasets, check_datasets
+    cfg = _cfg(tmp_path, protocol="dg", targets=["synthetic-scenes:preset=renamed,n_per_class=12"])
+    with pytest.raises(ConfigError, match="outside the source"): run_scene_experiment(cfg)
+    assert not any((tmp_path / "runs").rglob("seed*"))
+    files = ImageTextDataset([tmp_path / "a.jpg"], [0], ["forest"], name="files")
+    with pytest.raises(ConfigError, match="file:CAPTIONS"): check_datasets(_cfg(tmp_path), {"source": files})

@@ -10,7 +10,8 @@ from ..core import ConfigError
 from ..promptable import PromptableCLIP
 
 # %% auto #0
-__all__ = ['class_prompt', 'class_list', 'template_tokens', 'trim_tokens', 'prompt_token_buffer', 'cosine_logits']
+__all__ = ['class_prompt', 'class_list', 'template_tokens', 'trim_tokens', 'prompt_token_buffer', 'cosine_logits',
+           'nearest_words']
 
 # %% ../../nbs/24_prompts.text.ipynb #d63bdc55
 def class_prompt(name: str) -> str:
@@ -57,3 +58,14 @@ def cosine_logits(image_features: torch.Tensor, # (B, E), unit norm
     if text_features.ndim == 3 and text_features.shape[0] == image_features.shape[0]:
         return scale * torch.einsum("be,bke->bk", image_features, text_features)
     raise ConfigError(f"text features {tuple(text_features.shape)} fit neither (K, E) nor (B={image_features.shape[0]}, K, E)")
+
+# %% ../../nbs/24_prompts.text.ipynb #7b112765
+def nearest_words(clip: PromptableCLIP, vectors: torch.Tensor, # (N, D) vectors in the token-embedding space
+                  k: int = 3, # words per vector
+                 ) -> list:
+    "The `k` vocabulary tokens nearest (cosine) to each vector, as strings (BPE pieces, end-of-word marks removed)."
+    import torch.nn.functional as F
+    W = F.normalize(clip.model.token_embedding.weight.detach().float(), dim=-1)          # (V, D)
+    ids = (F.normalize(vectors.detach().float().to(W.device), dim=-1) @ W.T).topk(k, dim=-1).indices   # (N, k)
+    dec = getattr(clip._tokenizer, "decode", None)
+    return [[dec([int(i)]).strip() if dec else str(int(i)) for i in row] for row in ids]

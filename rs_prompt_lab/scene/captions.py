@@ -46,7 +46,10 @@ def _image_id(ds, i: int) -> str:
     it = ds.items[i]
     iid = getattr(it, "image_id", None)
     if iid is not None: return str(iid)
-    if isinstance(it, (str, Path)): return Path(it).name
+    if isinstance(it, (str, Path)):   # relative to the dataset's root when it has one (class folders may repeat file names)
+        root = (getattr(ds, "meta", None) or {}).get("root")
+        try: return Path(it).relative_to(root).as_posix() if root else Path(it).name
+        except ValueError: return Path(it).name
     meta = getattr(ds, "meta", None) or {}
     parent, ids = meta.get("parent_indices"), meta.get("ids")
     j = int(parent[i]) if parent is not None else int(i)      # a subset: the parent's position
@@ -55,8 +58,14 @@ def _image_id(ds, i: int) -> str:
     return str(ids[j])
 
 def image_ids(ds) -> list[str]:
-    "Per item: its `image_id`, else the file name of a path item, else `meta['ids'][i]`, else `f'{i:06d}'`."
-    return [_image_id(ds, i) for i in range(len(ds))]
+    "Per item: its `image_id`, else a path item's path below `meta['root']` (or its file name), else `meta['ids'][i]`, else `f'{i:06d}'`; ids must be unique."
+    ids = [_image_id(ds, i) for i in range(len(ds))]
+    if len(set(ids)) != len(ids):
+        from collections import Counter
+        dup = [k for k, n in Counter(ids).items() if n > 1]
+        raise DataError(f"dataset {getattr(ds, 'name', '?')!r}: {len(dup)} image id(s) are shared by several images ({', '.join(dup[:3])}); "
+                        "captions are cached per id, so give the dataset a root (meta['root']) or unique file names")
+    return ids
 
 def _hash8(obj: Any) -> str:
     return hashlib.blake2b(json.dumps(to_jsonable(obj), sort_keys=True, default=str).encode(), digest_size=4).hexdigest()
@@ -66,9 +75,7 @@ def dataset_key(ds) -> str:
     meta = {k: v for k, v in (getattr(ds, "meta", None) or {}).items() if k != "parent_indices"}
     return f"{getattr(ds, 'name', 'images')}-{_hash8(meta)}"
 
-def _slug(s: str) -> str:
-    "A file-system-safe folder name."
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(s)).strip("._") or "dataset"
+from ..core import slug as _slug
 
 # %% ../../nbs/70_scene.captions.ipynb #8d750e63
 CAPTION_LAYOUTS = ("a Karpathy JSON ({'images': [{'filename', 'sentences': [{'raw'}]}]}), a precomp folder "
@@ -121,7 +128,7 @@ class FileCaptions(Captioner):
         return dict(source=src, index=self.index)
 
     def caption(self, ds, indices) -> list:
-        caps = [self.table.get(_image_id(ds, i)) or [] for i in indices]
+        caps = [self.table.get(Path(_image_id(ds, i)).name) or [] for i in indices]   # caption files list file names
         return [c[self.index].strip() if self.index < len(c) else None for c in caps]
 
     def __len__(self): return len(self.table)
@@ -213,7 +220,8 @@ class Blip2Captioner(Captioner):
         self.model = self.tokenizer = None
 
     def settings(self) -> dict:
-        s = dict(model=self.path.resolve().name, max_length=self.max_length, num_beams=self.num_beams, image_size=self.image_size)
+        files = sorted((f.name, f.stat().st_size) for f in self.path.resolve().iterdir() if f.is_file())   # another checkpoint, other captions
+        s = dict(model=str(self.path.resolve()), files=_hash8(files), max_length=self.max_length, num_beams=self.num_beams, image_size=self.image_size)
         return s if self.dtype == "float32" else dict(s, dtype=self.dtype)
 
     def load(self) -> "Blip2Captioner":
@@ -345,7 +353,8 @@ def captions(self: CaptionCache, ds, # the ImageTextDataset
     idx = list(range(len(ds))) if indices is None else [int(i) for i in indices]
     out_of_range = [i for i in idx if not 0 <= i < len(ds)]
     if out_of_range: raise DataError(f"image index {out_of_range[0]} outside dataset {ds.name!r} of {len(ds)} images")
-    ids = {i: _image_id(ds, i) for i in idx}
+    all_ids = image_ids(ds)   # unique, or one clear error
+    ids = {i: all_ids[i] for i in idx}
     cache, todo, seen = self.load(), [], set()
     for i in idx:
         if ids[i] not in cache and ids[i] not in seen: todo.append(i); seen.add(ids[i])

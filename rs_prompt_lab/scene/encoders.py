@@ -175,9 +175,7 @@ def make_encoder(spec: str = "text-tower", # 'text-tower' | 'bert:/path' (or a r
     raise ConfigError(f"unknown caption encoder {spec!r}.{suggest(name, ['text-tower', 'bert'])} Choices: {', '.join(ENCODER_CHOICES)}")
 
 # %% ../../nbs/71_scene.encoders.ipynb #8aec56c2
-def _slug(s) -> str:
-    "A file-name-safe version of `s`."
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(s)).strip("_") or "x"
+from ..core import slug as _slug
 
 def _sha1(text: str) -> str: return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
