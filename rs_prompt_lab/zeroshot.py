@@ -17,7 +17,7 @@ from .prompts.text import class_prompt  # the one place class names become words
 
 # %% auto #0
 __all__ = ['RS_TEMPLATES', 'TEMPLATE_SETS', 'zeroshot_head', 'zeroshot_logits', 'zeroshot_classify', 'accuracy',
-           'evaluate_zeroshot', 'configure_cli']
+           'evaluate_zeroshot', 'ZeroShotHead', 'configure_cli']
 
 # %% ../nbs/22_zeroshot.ipynb #389e5892
 RS_TEMPLATES = [  # remote-sensing prompt templates; {} is the class name
@@ -94,6 +94,30 @@ def evaluate_zeroshot(model: PromptableCLIP, ds, # an ImageTextDataset
     K = len(ds.class_names)
     return {"top1": accuracy(torch.cat(preds), labels), "n": int((labels >= 0).sum()), "n_classes": K,
             "chance": 1.0 / K, "templates": len(templates)}
+
+# %% ../nbs/22_zeroshot.ipynb #52c9b980
+from torch import nn
+
+class ZeroShotHead(nn.Module):
+    "Frozen text head: logits = exp(logit_scale) * normalize(features) @ W.T, W = per-class mean of normalised template embeddings."
+    def __init__(self, clip: PromptableCLIP, class_names: Sequence[str], templates: Sequence[str] = RS_TEMPLATES):
+        super().__init__()
+        self.__dict__["clip"], self.templates = clip, list(templates)   # a plain reference: the head never owns the backbone
+        self.set_class_names(class_names)
+
+    def set_class_names(self, class_names: Sequence[str]) -> "ZeroShotHead":
+        "Rebuild the head for another class list (needs the text tower)."
+        self.class_names = [str(c) for c in class_names]
+        w = zeroshot_head(self.clip, self.class_names, self.templates) * self.clip.logit_scale.detach()
+        self.register_buffer("weight", w.detach().clone(), persistent=True)   # (K, E), scaled
+        return self
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        "(B, K) logits of un-normalised (B, E) image features."
+        if features.shape[-1] != self.weight.shape[1]:
+            raise DataError(f"features of width {features.shape[-1]} but the head was built for {self.weight.shape[1]}; "
+                            "a student needs a head to the CLIP embedding size")
+        return F.normalize(features.float(), dim=-1) @ self.weight.T
 
 # %% ../nbs/22_zeroshot.ipynb #dcfb528a
 def configure_cli(parser: argparse.ArgumentParser, group: str):
