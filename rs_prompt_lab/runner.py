@@ -198,10 +198,14 @@ def results_report(folder, reference: str | None = None, confidence: float = 0.9
         out += [f"## {ds}", "", results_table(group, hk, hl)]
         out += [w for s in group for w in (f"{s['cfg_name']}: {x}" for x in s.get("warnings", []))]
         if reference and any(s["cfg_name"] == reference for s in group):
-            keys = [k for k in hk if all(k in v for s in group for v in s["per_seed"].values())]
+            ref = next(s for s in group if s["cfg_name"] == reference)
+            keys = [k for k in hk if all(k in v for v in ref["per_seed"].values())]          # the reference's metrics
+            has = lambda s: all(k in v for v in s["per_seed"].values() for k in keys)
             labels = [f"Δ{HEADLINE.get(k, k)}" for k in keys]
-            try: out += ["", differences_table(group, reference, keys=keys, labels=labels, confidence=confidence)[0]]
+            try: out += ["", differences_table([s for s in group if has(s)], reference, keys=keys, labels=labels, confidence=confidence)[0]]
             except DataError as e: out += ["", f"(no paired differences for {ds}: {e})"]
+            lack = [s["cfg_name"] for s in group if not has(s)]
+            if lack: out.append(f"(not compared, some of {', '.join(labels)} missing: {', '.join(lack)})")
         out.append("")
     if reference and not any(s["cfg_name"] == reference for s in sums):
         raise ConfigError(f"no configuration {reference!r} below {folder}; configurations: {', '.join(sorted({s['cfg_name'] for s in sums}))}")
