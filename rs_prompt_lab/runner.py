@@ -4,6 +4,7 @@
 
 # %% ../nbs/43_runner.ipynb #2c4aad37
 from __future__ import annotations
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
@@ -184,7 +185,7 @@ def headline_keys(group: list) -> tuple:
     "(keys, labels) of the headline metrics any summary of `group` has: HEADLINE's order, then per-target ones ('target:NAME')."
     have = {k for s in group for k in s["metrics"]}
     keys = [k for k in HEADLINE if k in have] + sorted(k for k in have if k.startswith("target:"))
-    short = lambda k: k.split(":", 1)[1].split(":")[-1][-28:]
+    short = lambda k: re.sub(r"(n_per_class|size)=\w+,?", "", k.split(":", 1)[1].split(":")[-1]).strip(",")[-32:]   # the target's distinguishing settings
     return keys, [HEADLINE[k] if k in HEADLINE else f"T {short(k)}" for k in keys]
 
 def results_report(folder, reference: str | None = None, confidence: float = 0.95) -> str:
@@ -201,7 +202,7 @@ def results_report(folder, reference: str | None = None, confidence: float = 0.9
             ref = next(s for s in group if s["cfg_name"] == reference)
             keys = [k for k in hk if all(k in v for v in ref["per_seed"].values())]          # the reference's metrics
             has = lambda s: all(k in v for v in s["per_seed"].values() for k in keys)
-            labels = [f"Δ{HEADLINE.get(k, k)}" for k in keys]
+            labels = [f"Δ{hl[hk.index(k)]}" for k in keys]
             try: out += ["", differences_table([s for s in group if has(s)], reference, keys=keys, labels=labels, confidence=confidence)[0]]
             except DataError as e: out += ["", f"(no paired differences for {ds}: {e})"]
             lack = [s["cfg_name"] for s in group if not has(s)]
