@@ -10,7 +10,7 @@
 #   benchmarks/reproduce_scene.sh cross      # cross-dataset: sentinel-autumn 22 classes -> 14 scenes under other class words
 #   benchmarks/reproduce_scene.sh report     # tables + paired per-seed differences (95 % CI) against CoCoOp
 # Seeds run outermost (every method of seed 1 before seed 2), so an interrupted lane still has paired seeds.
-# CPU time on 2 cores: b2n ~35 min, dg / fewshot / cross ~1 h each (per-image prompts cost a B x K text pass per step).
+# CPU time on 2 cores (two lanes side by side, OMP_NUM_THREADS=1 each): 25-40 min a lane (per-image prompts cost a B x K text pass per step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
