@@ -151,7 +151,7 @@ def cfg_name(self: SceneExpCfg) -> str:
     "Folder name of this configuration (`name`, or the method and the settings that change results)."
     if self.name: return _slug(self.name)
     n = f"{self.method}-{self.backbone}-k{self.shots}"
-    if get_entry(self.method).tasks and needs_captions(self):
+    if needs_captions(self):
         n += f"-{self.captioner.split(':')[0].split('#')[0]}-{self.caption_encoder.split(':')[0]}"
         if ":" in self.captioner or ":" in self.caption_encoder: n += f"-c{_hash([self.captioner, self.caption_encoder])}"
     n += f"-kw{_hash(self.method_kw)}" if self.method_kw else ""
