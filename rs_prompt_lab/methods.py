@@ -46,6 +46,7 @@ def _attr(path: str):
 
 # %% ../nbs/35_methods.ipynb #5ed9a333
 _CF, _BL, _CL, _BM = "rs_prompt_lab.cfipt.model", "rs_prompt_lab.baselines", "rs_prompt_lab.classical", "rs_prompt_lab.scene.bimors"
+_AL = "rs_prompt_lab.align.protocol"
 _SC = ("scene",)
 _PX, _ANY = ("pixel",), ("pixel", "scene")
 
@@ -85,6 +86,8 @@ METHODS = {e.name: e for e in [
     MethodEntry("bimors-no-caption", _SC, f"{_BM}:build_bimors", f"{_BM}:BiMoRSCfg", {"keys": "visual"}, "ablation: BiMoRS without the caption (visual meta-net token only)", scene_budget=_SCENE_PI_BUDGET),
     MethodEntry("bimors-no-metanet", _SC, f"{_BM}:build_bimors", f"{_BM}:BiMoRSCfg", {"keys": "caption"}, "ablation: BiMoRS without the meta-net (caption token only)", scene_budget=_SCENE_PI_BUDGET),
     MethodEntry("bimors-frozen-proj", _SC, f"{_BM}:build_bimors", f"{_BM}:BiMoRSCfg", {"train_caption_proj": False}, "official: caption projection frozen at its random init", scene_budget=_SCENE_PI_BUDGET),
+    MethodEntry("paint", ("paired",), f"{_AL}:build_paint", f"{_AL}:PaintOptions", {}, "PAINT: CLIP's image tower fine-tuned under its frozen zero-shot head, then weight interpolation (alignment stage 1)"),
+    MethodEntry("align", ("paired",), f"{_AL}:build_align", f"{_AL}:StudentOptions", {}, "new-sensor ViT student distilled from the (patched) RGB tower: MSE + 0.05 BCE (alignment stage 2)"),
     MethodEntry("svm", _PX, f"{_CL}:build_svm", f"{_CL}:SVMCfg", {}, "RBF SVM on every band of the centre pixel, C/gamma on validation", backbone=False),
     MethodEntry("rf", _PX, f"{_CL}:build_rf", f"{_CL}:RFCfg", {}, "random forest on every band of the centre pixel, max_features on validation", backbone=False),
 ]}
@@ -186,6 +189,9 @@ def params_report(method: str, backbone: str = "rs-tiny", bands: dict | str = "h
     clip, note = backbone_for_counting(backbone, weights)
     names = [f"class {i + 1}" for i in range(n_classes)]
     if "pixel" in e.tasks: spec = PixelSpec(names, bands, patch_size)
+    elif "paired" in e.tasks:   # the teacher's RGB first, then the new sensor (default: 13-band Sentinel-2, multi-label)
+        from rs_prompt_lab.inputs import PairSpec
+        spec = PairSpec(names, bands if "rgb" in bands else {"rgb": 3, "s2": 13}, multilabel=True)
     else:   # scene methods: the backbone's own image size; caption width of bert-base-uncased (the paper's encoder) unless given
         from rs_prompt_lab.inputs import ImageSpec
         spec = ImageSpec(names, size=clip.image_size[0], channels=clip.in_channels, caption_dim=caption_dim)
@@ -195,7 +201,7 @@ def configure_cli(parser: argparse.ArgumentParser, group: str):
     "The `params` command: per-module parameter table of a method on a backbone."
     parser.add_argument("method", help="method name: " + ", ".join(list_methods()))
     parser.add_argument("--backbone", default="rs-tiny", help="backbone name, open_clip architecture (ViT-B-16), local-dir:PATH or random:MODEL")
-    parser.add_argument("--bands", default="hsi=144,lidar=1", help="modalities and band counts in order, the HSI first (default Houston2013)")
+    parser.add_argument("--bands", default="hsi=144,lidar=1", help="modalities and band counts in order, the HSI first (default Houston2013); paint/align: rgb=3,NAME=C (default rgb=3,s2=13)")
     parser.add_argument("--patch-size", type=int, default=11, help="odd patch side")
     parser.add_argument("--classes", type=int, default=15, help="number of classes")
     parser.add_argument("--weights", default=None, help="checkpoint file for the backbone")
@@ -213,7 +219,9 @@ def _cli_params(args) -> int:
     tab, note = params_report(args.method, args.backbone, args.bands, args.patch_size, args.classes, args.weights, args.caption_dim, **opts)
     if args.json:
         print(json.dumps(dict(tab.to_dict(), method=args.method, backbone=args.backbone, note=note), indent=2)); return 0
-    geometry = f"bands {args.bands}, patch {args.patch_size}" if "pixel" in METHODS[args.method].tasks else f"scene images, caption width {args.caption_dim}"
+    tasks = METHODS[args.method].tasks
+    geometry = (f"bands {args.bands}, patch {args.patch_size}" if "pixel" in tasks else
+                f"paired {args.bands if 'rgb' in args.bands else 'rgb=3,s2=13'}" if "paired" in tasks else f"scene images, caption width {args.caption_dim}")
     print(f"{args.method} on {args.backbone}, {geometry}, {args.classes} classes")
     if note: print(note)
     print(tab)

@@ -192,6 +192,14 @@ def results_report(folder, reference: str | None = None, confidence: float = 0.9
     "The text `rs-lab results` prints: per dataset (and protocol), the mean ± std table and paired differences against `reference`."
     sums = collect_summaries(folder)
     if not sums: raise DataError(f"{folder}: no summary.json below it; run rs-lab train first (or check the folder)")
+    if any(s.get("protocol") == "alignment" for s in sums):   # alignment has its own table (one row per alpha and student)
+        from rs_prompt_lab.align.protocol import alignment_table
+        rest = [s for s in sums if s.get("protocol") != "alignment"]
+        if reference and not any(s["cfg_name"] == reference for s in rest): raise ConfigError("--reference compares classification runs; alignment tables compare alphas and students without it")
+        return alignment_table(folder) + ("\n" + _report(rest, reference, confidence, folder) if rest else "")
+    return _report(sums, reference, confidence, folder)
+
+def _report(sums: list, reference, confidence: float, folder) -> str:
     out, tag = [], lambda s: (f"{s['protocol']}: " if s.get("protocol") else "") + str(s.get("dataset"))
     for ds in sorted({tag(s) for s in sums}, key=str):
         group = [s for s in sums if tag(s) == ds]

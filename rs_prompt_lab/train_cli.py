@@ -9,7 +9,7 @@ from pathlib import Path
 from .core import ConfigError, get_logger
 
 # %% auto #0
-__all__ = ['route', 'configure_cli', 'cfg_from_args', 'scene_cfg_from_args']
+__all__ = ['route', 'configure_cli', 'cfg_from_args', 'scene_cfg_from_args', 'align_cfg_from_args']
 
 # %% ../nbs/61_train_cli.ipynb #56851574
 from .config import parse_kv as parse_param, add_cfg_arguments, cfg_from_args as _cfg_from_ns
@@ -36,9 +36,11 @@ def _classmap_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 def route(group: str, argv: list) -> str:
-    "'train-scene' for a scene method, a `--protocol` or a scene-classification `--data`; else the group as given."
+    "'train-align' for paint/align, 'train-scene' for a scene method, a `--protocol` or a scene-classification `--data`; else the group as given."
     if group != "train": return group
     from rs_prompt_lab.methods import METHODS
+    meth = next((a for a in argv if not a.startswith("-")), None)
+    if meth in METHODS and "paired" in METHODS[meth].tasks: return "train-align"
     if any(a == "--protocol" or a.startswith("--protocol=") for a in argv): return "train-scene"
     meth = next((a for a in argv if not a.startswith("-")), None)
     if meth in METHODS and "pixel" not in METHODS[meth].tasks: return "train-scene"
@@ -49,6 +51,12 @@ def route(group: str, argv: list) -> str:
             if get_manifest(data).task == "scene-classification": return "train-scene"
         except Exception: pass   # an unknown dataset is reported by the pixel parser's own checks
     return group
+
+def _align_args(p: argparse.ArgumentParser) -> None:
+    from rs_prompt_lab.align.protocol import AlignExpCfg
+    p.add_argument("method", choices=["paint", "align"], help="paint: stage 1 (PAINT patching); align: stage 2 (the student; runs stage 1 first)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds, e.g. 0 1 2 (default 0 1 2)")
+    add_cfg_arguments(p, AlignExpCfg, flags=_FLAGS, skip=_SKIP)
 
 def _scene_args(p: argparse.ArgumentParser) -> None:
     from rs_prompt_lab.scene.protocol import SceneExpCfg
@@ -65,6 +73,9 @@ def configure_cli(parser: argparse.ArgumentParser, group: str):
     elif group == "train-scene":
         parser.prog, parser.description = "rs-lab train", "train a scene-classification method under a protocol (fewshot, b2n, cross, dg)"
         _scene_args(parser); parser.set_defaults(func=_cli_train_scene)
+    elif group == "train-align":
+        parser.prog, parser.description = "rs-lab train", "modality alignment: paint (PAINT patching of CLIP's image tower) or align (a new-sensor student distilled from it)"
+        _align_args(parser); parser.set_defaults(func=_cli_train_align)
     elif group == "classmap": _classmap_args(parser); parser.set_defaults(func=_cli_classmap)
     else: raise ConfigError(f"rs_prompt_lab.train_cli implements the groups 'train' and 'classmap', not {group!r}")
 
@@ -87,7 +98,7 @@ def _cli_train(a) -> int:
 def scene_cfg_from_args(a: argparse.Namespace):
     "The SceneExpCfg of `rs-lab train METHOD --protocol ...` arguments."
     from rs_prompt_lab.scene.protocol import SceneExpCfg
-    cfg = _cfg_from_ns(SceneExpCfg, a, flags=_FLAGS, method=a.method, **({"seeds": a.seeds} if a.seeds else {}))
+    cfg = _cfg_from_ns(SceneExpCfg, a, flags=_FLAGS, method=a.method, seeds=a.seeds or SceneExpCfg().seeds)
     return cfg.check()
 
 def _cli_train_scene(a) -> int:
@@ -95,6 +106,19 @@ def _cli_train_scene(a) -> int:
     cfg = scene_cfg_from_args(a)
     s = run_scene_experiment(cfg)
     print(s["table"]); print(f"runs: {cfg.cfg_dir}  (summary.json, seed*/config.json, split.json, metrics.json, train/curve.png)")
+    return 0
+
+def align_cfg_from_args(a: argparse.Namespace):
+    "The AlignExpCfg of `rs-lab train paint|align ...` arguments."
+    from rs_prompt_lab.align.protocol import AlignExpCfg
+    return _cfg_from_ns(AlignExpCfg, a, flags=_FLAGS, method=a.method, seeds=a.seeds or AlignExpCfg().seeds).check()
+
+def _cli_train_align(a) -> int:
+    from rs_prompt_lab.align.protocol import run_align_experiment
+    cfg = align_cfg_from_args(a)
+    s = run_align_experiment(cfg)
+    print(s["table"]); print(f"runs: {cfg.cfg_dir}  (summary.json, seed*/config.json, split.json, metrics.json, train/curve.png)")
+    print(f"the table of every stage run on this dataset: rs-lab results {cfg.cfg_dir.parent}")
     return 0
 
 def _cli_classmap(a) -> int:

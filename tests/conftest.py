@@ -94,3 +94,18 @@ def pixels():
     "Training HSI pixels for the baselines' PCA / fit step (correlated 8-band spectra)."
     rng = np.random.default_rng(0)
     return rng.normal(size=(200, 8)) @ rng.normal(size=(8, 8))
+
+
+@pytest.fixture
+def interrupt_once(monkeypatch):
+    "interrupt_once(run): `run()` is killed (KeyboardInterrupt) right after its first training epoch, then Trainer.fit is restored."
+    from rs_prompt_lab import train as T
+    fit = T.Trainer.fit
+    def killed(self, resume=False, max_epochs=None):
+        fit(self, resume=resume, max_epochs=1); raise KeyboardInterrupt("killed")
+    def go(run):
+        monkeypatch.setattr(T.Trainer, "fit", killed)
+        try:
+            with pytest.raises(KeyboardInterrupt): run()
+        finally: monkeypatch.setattr(T.Trainer, "fit", fit)
+    return go

@@ -212,19 +212,13 @@ def test_scene_experiment_notebook_runs(tmp_path, repo_root, monkeypatch):
 
 # (f) review follow-ups: exact resume, the BERT encoder end to end, validated grids ---------------------------------------
 
-def test_interrupted_seed_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+def test_interrupted_seed_resumes_to_the_uninterrupted_result(tmp_path, interrupt_once):
     "Killed after its first epoch (last.pt written), the seed resumes: same history and metrics as a run that was never stopped."
-    from rs_prompt_lab import train as T
     kw = dict(method="coop", protocol="fewshot", quick=False, budget="cfg", steps=12, batch_size=16, max_test=40)
     a = run_scene_experiment(_cfg(tmp_path / "a", **kw))
-    fit = T.Trainer.fit
-    def killed(self, resume=False, max_epochs=None):
-        fit(self, resume=resume, max_epochs=1); raise KeyboardInterrupt("killed")
-    monkeypatch.setattr(T.Trainer, "fit", killed)
     cb = _cfg(tmp_path / "b", **kw)
-    with pytest.raises(KeyboardInterrupt): run_scene_experiment(cb)
+    interrupt_once(lambda: run_scene_experiment(cb))
     assert (cb.run_dir(1) / "train" / "last.pt").exists() and not (cb.run_dir(1) / "metrics.json").exists()
-    monkeypatch.setattr(T.Trainer, "fit", fit)
     b = run_scene_experiment(cb)
     ha = load_json(_cfg(tmp_path / "a", **kw).run_dir(1) / "train" / "metrics.json")["history"]
     hb = load_json(cb.run_dir(1) / "train" / "metrics.json")["history"]

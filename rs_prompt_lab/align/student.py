@@ -24,9 +24,9 @@ log = get_logger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'S2_BANDS', 'S2_L2A_BANDS', 'S2_RGB', 'RGB_SCALE', 'S2_SCALE', 'B10_INDEX', 'S1_DB_RANGE', 'SSL4EO_WEIGHTS',
-           'ALIGN_CLS_WEIGHT', 'RECALL_KS', 's2_rgb_composite', 's2_stack', 's1_stack', 'tile_chips', 'SensorStudent',
-           'load_student_init', 'alignment_loss', 'check_paired', 'AlignModel', 'PairCollate', 'embed_pairs',
-           'cross_modal_retrieval', 'evaluate_alignment']
+           'ALIGN_CLS_WEIGHT', 'RECALL_KS', 'BEN43', 'BEN19', 'BEN_43_TO_19', 's2_rgb_composite', 's2_stack',
+           's1_stack', 'tile_chips', 'SensorStudent', 'load_student_init', 'alignment_loss', 'check_paired',
+           'AlignModel', 'PairCollate', 'embed_pairs', 'cross_modal_retrieval', 'evaluate_alignment', 'bigearthnet19']
 
 # %% ../../nbs/81_align.student.ipynb #59fa29a5
 S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")  # L1C: the student's order
@@ -267,6 +267,7 @@ class AlignModel(nn.Module):
         self.clip, self.student, self.head = clip, student, head
         self.teacher_input = ImageInput.for_backbone(clip, key=teacher_key)
         self.student_key, self.teacher_key, self.multilabel, self.cls_weight = student_key, teacher_key, bool(multilabel), cls_weight
+        self.teacher_cache = None   # a dict turns on caching of teacher embeddings by sample id (only while the tower stays as it is)
 
     @property
     def class_names(self) -> list: return self.head.class_names
@@ -281,8 +282,13 @@ from fastcore.basics import patch
 
 @patch
 def encode_teacher(self: AlignModel, batch: dict) -> torch.Tensor:
-    "(B, E) un-normalised teacher embeddings of the batch's RGB images, without gradients."
-    with torch.no_grad(): return self.clip.encode_image(self.teacher_input(batch)).float()
+    "(B, E) un-normalised teacher embeddings of the batch's RGB images, without gradients (from `teacher_cache` by sample id when set)."
+    cache, ids = getattr(self, "teacher_cache", None), batch.get("id")
+    if cache is not None and ids is not None and all(i in cache for i in ids):
+        return torch.stack([cache[i] for i in ids]).to(batch[self.teacher_key].device)
+    with torch.no_grad(): t = self.clip.encode_image(self.teacher_input(batch)).float()
+    if cache is not None and ids is not None: cache.update(zip(ids, t.detach().cpu()))
+    return t
 
 @patch
 def encode_student(self: AlignModel, batch: dict) -> torch.Tensor:
@@ -391,3 +397,35 @@ def evaluate_alignment(model: AlignModel, loader: Iterable, k_list: Sequence[int
         out |= {f"student_{name}": score(y, ls) if model.multilabel else score(ls, y),
                 f"teacher_{name}": score(y, lt) if model.multilabel else score(lt, y)}
     return out | cross_modal_retrieval(t, s, k_list=k_list, names=(model.teacher_key, model.student_key))
+
+# %% ../../nbs/81_align.student.ipynb #595e4b60
+BEN43 = ("Continuous urban fabric", "Discontinuous urban fabric", "Industrial or commercial units", "Road and rail networks and associated land",
+         "Port areas", "Airports", "Mineral extraction sites", "Dump sites", "Construction sites", "Green urban areas",
+         "Sport and leisure facilities", "Non-irrigated arable land", "Permanently irrigated land", "Rice fields", "Vineyards",
+         "Fruit trees and berry plantations", "Olive groves", "Pastures", "Annual crops associated with permanent crops",
+         "Complex cultivation patterns", "Land principally occupied by agriculture, with significant areas of natural vegetation",
+         "Agro-forestry areas", "Broad-leaved forest", "Coniferous forest", "Mixed forest", "Natural grassland", "Moors and heathland",
+         "Sclerophyllous vegetation", "Transitional woodland/shrub", "Beaches, dunes, sands", "Bare rock", "Sparsely vegetated areas",
+         "Burnt areas", "Inland marshes", "Peatbogs", "Salt marshes", "Salines", "Intertidal flats", "Water courses", "Water bodies",
+         "Coastal lagoons", "Estuaries", "Sea and ocean")
+BEN19 = ("Urban fabric", "Industrial or commercial units", "Arable land", "Permanent crops", "Pastures", "Complex cultivation patterns",
+         "Land principally occupied by agriculture, with significant areas of natural vegetation", "Agro-forestry areas",
+         "Broad-leaved forest", "Coniferous forest", "Mixed forest", "Natural grassland and sparsely vegetated areas",
+         "Moors, heathland and sclerophyllous vegetation", "Transitional woodland, shrub", "Beaches, dunes, sands", "Inland wetlands",
+         "Coastal wetlands", "Inland waters", "Marine waters")
+BEN_43_TO_19 = {0: 0, 1: 0, 2: 1, 11: 2, 12: 2, 13: 2, 14: 3, 15: 3, 16: 3, 18: 3, 17: 4, 19: 5, 20: 6, 21: 7, 22: 8, 23: 9, 24: 10,
+                25: 11, 31: 11, 26: 12, 27: 12, 28: 13, 29: 14, 33: 15, 34: 15, 35: 16, 36: 16, 38: 17, 39: 17, 40: 18, 41: 18, 42: 18}
+
+def bigearthnet19(ds):
+    "A copy of a BigEarthNet PairedModalityDataset with (N, 19) multi-hot labels in the 19-class nomenclature."
+    import dataclasses
+    if ds.labels is None or ds.labels.ndim != 2: raise DataError(f"dataset {ds.name!r} has no multi-hot labels to map to the 19 classes")
+    unknown = [c for c in ds.class_names if c not in BEN43]
+    if unknown: raise DataError(f"dataset {ds.name!r} has label {unknown[0]!r}, not one of BigEarthNet's 43 CLC names; the 19-class mapping needs them")
+    Y = np.zeros((len(ds), len(BEN19)), np.float32)
+    for j, c in enumerate(ds.class_names):
+        k = BEN_43_TO_19.get(BEN43.index(c))
+        if k is not None: Y[:, k] = np.maximum(Y[:, k], ds.labels[:, j])
+    empty = int((Y.sum(1) == 0).sum())
+    if empty: log.warning(f"{ds.name}: {empty} patch(es) have only labels outside the 19-class nomenclature: their rows are all zero")
+    return dataclasses.replace(ds, labels=Y, class_names=list(BEN19), meta={**ds.meta, "nomenclature": 19})
