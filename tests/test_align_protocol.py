@@ -8,6 +8,7 @@ import torch
 
 from rs_prompt_lab.align.protocol import (AlignExpCfg, PairItems, alignment_table, head_score, load_pairs, pair_collate, paint_cfg,
                                           run_align_experiment, splits_of, tower_embed, pair_loader, alpha_key)
+from rs_prompt_lab.align.student import PairCollate
 from rs_prompt_lab.cli import main
 from rs_prompt_lab.core import DataError, load_json
 
@@ -95,6 +96,14 @@ def test_bigearthnet_pairs_through_the_protocol(shared_data):
     items = PairItems(ds, range(len(ds)), col)
     assert items[0]["s1"].shape == (2, 120, 120) and items[0]["rgb"].shape == (3, 120, 120)
     assert pair_collate(ds, "s2")([ds[0]])["s2"].shape == (1, 13, 120, 120)
+    ref = PairCollate.bigearthnet("s2")([ds[0], ds[1]])                       # the paper's BigEarthNet transforms, exactly
+    got = pair_collate(ds, "s2")([ds[0], ds[1]])
+    assert torch.equal(ref["s2"], got["s2"]) and torch.equal(ref["rgb"], got["rgb"])
+    import dataclasses
+    l1c = dataclasses.replace(ds, bands={**ds.bands, "s2": dataclasses.replace(ds.bands["s2"], sensor="Sentinel-2 L1C")})
+    assert pair_collate(l1c, "s2").level == "L1C"                               # SEN12MS-style L1C: its own composite scaling
+    nolevel = dataclasses.replace(ds, bands={**ds.bands, "s2": dataclasses.replace(ds.bands["s2"], sensor="Sentinel-2")})
+    with pytest.raises(Exception, match="names no processing level"): pair_collate(nolevel, "s2")
     clip = load_backbone("rs-tiny")[0]
     e, y = tower_embed(clip, pair_loader(items, 4), "rgb")
     assert e.shape == (len(ds), clip.embed_dim) and y.shape == (len(ds), len(ds.class_names))
