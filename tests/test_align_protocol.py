@@ -38,6 +38,8 @@ def test_train_paint_then_align_from_the_cli(tmp_path, capsys):
     c = _cfg(tmp_path, method="align", student="sar")
     m = load_json(c.run_dir(0) / "metrics.json")
     assert m["student"] == "sar" and 0 <= m["target"] <= 1 and 0 <= m["rgb_to_new_R@1"] <= 1
+    assert 0 <= m["clip_new_target"] <= 1 and 0 <= m["clip_rgb_to_new_R@1"] <= 1          # the baseline on its own composite
+    assert "| CLIP on the sar composite |" in table
     assert load_json(c.run_dir(0) / "config.json")["in_chans"] == 2          # VV/VH
     assert (paint_cfg(c).run_dir(0) / "theta_ft.pt").is_file()
 

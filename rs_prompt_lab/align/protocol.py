@@ -24,7 +24,7 @@ from .student import (AlignModel, PairCollate, SensorStudent, evaluate_alignment
 __all__ = ['STAGES', 'PAIRS_PARAMS', 'STUDENT_ARCHS', 'log', 'AlignExpCfg', 'paint_cfg', 'load_pairs', 'pair_collate',
            'PairItems', 'pair_loader', 'splits_of', 'composite', 'tower_embed', 'head_score', 'alpha_key',
            'supported_sets', 'score_alphas', 'select_alpha', 'load_theta_ft', 'run_paint_seed', 'linear_probe',
-           'teacher_alpha_of', 'build_student', 'run_align_seed', 'load_data', 'summarize_align',
+           'clip_baseline', 'teacher_alpha_of', 'build_student', 'run_align_seed', 'load_data', 'summarize_align',
            'run_align_experiment', 'format_align_summary', 'alignment_table', 'alpha_differences', 'PaintOptions',
            'StudentOptions', 'build_paint', 'build_align']
 
@@ -334,7 +334,7 @@ def run_paint_seed(cfg: AlignExpCfg, seed: int, data: dict, clip) -> dict:
     save_json(m, rd/"metrics.json")
     return m
 
-# %% ../../nbs/82_align.protocol.ipynb #370ad2b5
+# %% ../../nbs/82_align.protocol.ipynb #24229548
 def linear_probe(train: tuple, test: tuple, multilabel: bool, seed: int = 0) -> float:
     "Test mAP (multi-label) or top-1 of a logistic-regression probe fitted on (features, labels) of the training samples."
     from sklearn.linear_model import LogisticRegression
@@ -348,6 +348,16 @@ def linear_probe(train: tuple, test: tuple, multilabel: bool, seed: int = 0) -> 
         return float(multilabel_map(yte[:, keep], clf.decision_function(xte)))
     clf = LogisticRegression(max_iter=2000, C=10.0, random_state=seed).fit(xtr, ytr)
     return float((clf.predict(xte) == yte).mean())
+
+@torch.no_grad()
+def clip_baseline(clip, loader, names: Sequence[str], modality: str, templates: Sequence[str]) -> dict:
+    "What zero-shot CLIP does without a student on the test pairs: 'clip_target' (RGB), 'clip_new_target' and R@k RGB <-> the modality's composite ('clip_' keys)."
+    from rs_prompt_lab.zeroshot import ZeroShotHead
+    head = ZeroShotHead(clip, names, templates)
+    e, y = tower_embed(clip, loader, "rgb")
+    en, _ = tower_embed(clip, loader, modality, modality="s2" if modality == "s2" else "sar")
+    return {"clip_target": head_score(head, e, y), "clip_new_target": head_score(head, en, y),
+            **{f"clip_{k}": v for k, v in cross_modal_retrieval(e, en, names=("rgb", "new")).items()}}
 
 def teacher_alpha_of(cfg: AlignExpCfg, seed: int) -> float:
     "The teacher's alpha: the stage-1 seed's validation choice ('select') or the given number."
@@ -379,6 +389,7 @@ def run_align_seed(cfg: AlignExpCfg, seed: int, data: dict, clip) -> dict:
                "n": {k: len(v) for k, v in sp.items()}, "provenance": provenance()}, rd/"config.json")
     dev = get_device(cfg.device); clip.to(dev)
     theta_zs = image_tower_state(clip)
+    base = clip_baseline(clip, pair_loader(items["test"], cfg.eval_batch_size), names, cfg.student, TEMPLATE_SETS[cfg.templates])
     try:
         if a > 0: load_image_tower(clip, interpolate(theta_zs, load_theta_ft(paint_cfg(cfg).run_dir(seed)), a))
         seed_everything(seed)
@@ -404,7 +415,7 @@ def run_align_seed(cfg: AlignExpCfg, seed: int, data: dict, clip) -> dict:
     m = {"method": "align", "student": sk, "dataset": cfg.dataset_name, "seed": seed, "quick": cfg.quick, "teacher_alpha": a,
          "target": ev[f"student_{name}"], "teacher_target": ev[f"teacher_{name}"], "mse": ev["mse"],
          **{k.replace(f"rgb_to_{sk}_", "rgb_to_new_").replace(f"{sk}_to_rgb_", "new_to_rgb_"): v for k, v in ev.items() if "_R@" in k}, "mR": ev["mR"],
-         "probe": linear_probe((s_tr, y_tr), (s_te, y_te), ml, seed), "teacher_probe": linear_probe((t_tr, y_tr), (t_te, y_te), ml, seed),
+         **base, "probe": linear_probe((s_tr, y_tr), (s_te, y_te), ml, seed), "teacher_probe": linear_probe((t_tr, y_tr), (t_te, y_te), ml, seed),
          "metric": "mAP" if ml else "top-1", "n_test": ev["n"],
          "training": {"steps": epochs * len(train_l), "epochs": epochs, "lr": cfg.align_lr, "best_epoch": tr.best_epoch, "best_val": tr.best_score,
                       "final_train_loss": tr.history[-1]["train_loss"] if tr.history else None, "train_seconds": round(time.time() - t0, 2),
@@ -454,7 +465,7 @@ def run_align_experiment(cfg: AlignExpCfg, data: dict | None = None) -> dict:
     run_seeds(cfg, lambda seed: run(cfg, seed, data, clip), cfg.progress)
     return summarize_align(cfg)
 
-# %% ../../nbs/82_align.protocol.ipynb #fff607fe
+# %% ../../nbs/82_align.protocol.ipynb #7074c7cb
 _COLS = [("target", "target zero-shot"), ("supported", "supported zero-shot"), ("rgb_to_new_R@1", "R@1"), ("rgb_to_new_R@5", "R@5"),
          ("rgb_to_new_R@10", "R@10"), ("new_to_rgb_R@1", "R@1"), ("new_to_rgb_R@5", "R@5"), ("new_to_rgb_R@10", "R@10")]
 
@@ -485,7 +496,7 @@ def alignment_table(folder) -> str:
     out = []
     for ds in sorted({s["dataset"] for s in sums}):
         g = [s for s in sums if s["dataset"] == ds]
-        out += [f"## {ds} ({g[0].get('metric')}; %, mean ± std over seeds)", "",
+        out += [f"## {ds} ({g[0].get('metric')}; %, mean ± std over seeds; CLIP and patched rows read the new modality as its S2 composite)", "",
                 "| model | seeds | target zero-shot, RGB | target zero-shot, new modality | supported zero-shot | R@1 / 5 / 10 RGB→new | R@1 / 5 / 10 new→RGB |",
                 "|---|---|---|---|---|---|---|"]
         def row(name, n, get, rgb, new):
@@ -498,9 +509,11 @@ def alignment_table(folder) -> str:
                 label = ("CLIP (zero-shot)" if a == "a000" else f"patched α={int(a[1:]) / 100:g}") + ("" if len(paints) == 1 else f" [{s['cfg_name']}]")
                 out.append(row(label, s["n_seeds"], lambda k, m=m, a=a: _cell(m, f"{a}:{k}"), "target", "target_new"))
         for s in [s for s in g if s["stage"] == "align"]:
-            m = s["metrics"]
+            m, mod = s["metrics"], s["method"].split("-", 1)[1]
             a = m.get("teacher_alpha", {}).get("mean", float("nan"))
-            out.append(row(f"{s['method'].split('-', 1)[1]} student (teacher α={a:.2g})", s["n_seeds"], lambda k, m=m: _cell(m, k), "teacher_target", "target"))
+            if "clip_new_target" in m:
+                out.append(row(f"CLIP on the {mod} composite", s["n_seeds"], lambda k, m=m: _cell(m, "clip_" + k), "target", "new_target"))
+            out.append(row(f"{mod} student (teacher α={a:.2g})", s["n_seeds"], lambda k, m=m: _cell(m, k), "teacher_target", "target"))
         out += _difference_rows(paints, [s for s in g if s["stage"] == "align"])
         out.append("")
     return "\n".join(out)
@@ -520,12 +533,14 @@ def _difference_rows(paints: list, students: list, confidence: float = 0.95) -> 
                  "| model | Δ target (RGB) | Δ supported | Δ R@1 RGB→new |", "|---|---|---|---|"]
         for a, d in alpha_differences(p, ("target", "supported", "rgb_to_new_R@1"), confidence).items():
             rows.append(f"| patched α={a:g} | {fmt(d['target'])} | {fmt(d['supported'])} | {fmt(d['rgb_to_new_R@1'])} |")
-        for st in students:
-            pairs = [(_by_seed(st, "target"), _by_seed(p, "a000:target_new")), (_by_seed(st, "rgb_to_new_R@1"), _by_seed(p, "a000:rgb_to_new_R@1"))]
-            if st["n_seeds"] < 2 or not all(a and b for a, b in pairs): continue
-            try: d1, d2 = [paired_difference(a, b, confidence=confidence, strict=False) for a, b in pairs]
-            except (DataError, ConfigError): continue
-            rows.append(f"| {st['method'].split('-', 1)[1]} student vs CLIP on the {st['method'].split('-', 1)[1]} composite | {fmt(d1)} (new modality) | - | {fmt(d2)} |")
+    for st in students:   # each student against zero-shot CLIP on its own modality's composite, same test pairs and seeds
+        pairs = [(_by_seed(st, "target"), _by_seed(st, "clip_new_target")), (_by_seed(st, "rgb_to_new_R@1"), _by_seed(st, "clip_rgb_to_new_R@1"))]
+        if st["n_seeds"] < 2 or not all(a and b for a, b in pairs): continue
+        if not rows: rows += ["", f"Paired per-seed differences, {int(confidence * 100)} % CI, * where it excludes zero:", "",
+                              "| model | Δ target (RGB) | Δ supported | Δ R@1 RGB→new |", "|---|---|---|---|"]
+        d1, d2 = [paired_difference(a, b, confidence=confidence) for a, b in pairs]
+        mod = st["method"].split("-", 1)[1]
+        rows.append(f"| {mod} student vs CLIP on the {mod} composite | {fmt(d1)} (on {mod}) | - | {fmt(d2)} |")
     return rows
 
 def alpha_differences(summary: dict, keys: Sequence[str] = ("target", "supported"), confidence: float = 0.95) -> dict:
