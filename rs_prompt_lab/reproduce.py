@@ -335,7 +335,8 @@ def run_cell(cell_dir, # a folder written by prepare_cell
     root = str(Path(importlib.util.find_spec("rs_prompt_lab").origin).resolve().parent.parent)   # the kernel imports this same code
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
     try:
-        import papermill as pm
+        import logging, papermill as pm
+        logging.getLogger("papermill").setLevel(logging.ERROR)   # its parser's 'Unable to parse line' noise: the grid was checked with ast
         if kernel is None: os.environ["JUPYTER_PATH"] = os.pathsep.join(dict.fromkeys(filter(None, [_kernel_dir(), *os.environ.get("JUPYTER_PATH", "").split(os.pathsep)])))
         pm.execute_notebook(cfg["notebook_path"], str(cd/"cell.ipynb"), parameters=cfg["inject"], kernel_name=kernel or "rs-lab-python",
                             cwd=cfg.get("cwd") or None, progress_bar=False, log_output=False)
@@ -393,10 +394,15 @@ def launch_cell(cd, env: dict | None = None) -> str:
     return st
 
 # %% ../nbs/46_reproduce.ipynb #2be5247a
-def _submitit(cds: list, executor: str, out: Path, workers: int, opts: dict) -> dict:
-    "Run prepared cells through submitit (local executor or SLURM array); {cell dir: status}."
+def _need_submitit(executor: str):
+    "The submitit module, or one line saying how to get it."
     try: import submitit
     except ImportError: raise ConfigError(f"--executor {executor} needs submitit, which is not installed here: pip install submitit (or use --executor process)") from None
+    return submitit
+
+def _submitit(cds: list, executor: str, out: Path, workers: int, opts: dict) -> dict:
+    "Run prepared cells through submitit (local executor or SLURM array); {cell dir: status}."
+    submitit = _need_submitit(executor)
     ex = submitit.AutoExecutor(folder=str(out/".submitit"), cluster="local" if executor == "local" else "slurm")
     ex.update_parameters(**{"timeout_min": 24 * 60, **({"slurm_array_parallelism": workers} if executor == "slurm" else {}), **opts})
     jobs = ex.map_array(run_cell, [str(c) for c in cds])
@@ -438,6 +444,7 @@ def reproduce(grid, # a grid YAML path, or a Grid
     "Run a grid; 0 when every cell of it (this shard) is finished, 1 when any failed (or, for a dry run, something is missing)."
     from rs_prompt_lab.core import check_choice
     check_choice(executor, ["process", "local", "slurm"], "executor")
+    if executor != "process" and not dry_run: _need_submitit(executor)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1: raise ConfigError(f"--workers must be an integer >= 1, got {workers!r}")
     g = grid if isinstance(grid, Grid) else load_grid(grid)
     cells, out = expand_grid(g), Path(out)
@@ -484,11 +491,15 @@ def _check_backbone(name: str) -> str | None:
     if name not in BACKBONES: return f"unknown backbone {name!r}.{suggest(name, list_backbones())}"
     return None if find_weights(name) else f"backbone {name!r}: weights not found here (rs-lab backbones list says where to get them)"
 
+_PATH_PREFIXES = ("file:", "blip2:", "bert:", "local-dir:")   # parameter values that name a local file or folder
+
 def cell_needs(c: Cell) -> list:
-    "What cell `c` lacks on this machine (dataset files, backbone weights), one line each."
+    "What cell `c` lacks on this machine (dataset files, backbone weights, files named by 'file:'/'blip2:'/'bert:' values), one line each."
     p, r = c.params, c.requires
     ds, root, bb = r.get("dataset", p.get("DATASET")), r.get("root", p.get("ROOT")), r.get("backbone", p.get("BACKBONE"))
     out = [_check_dataset(ds, root or None) if ds else None, _check_backbone(bb) if bb else None]
+    out += [f"{k}: {v.split(':', 1)[1]} not found" for k, v in p.items() if k != "BACKBONE" and isinstance(v, str)
+            and v.startswith(_PATH_PREFIXES) and not Path(v.split(":", 1)[1]).exists()]
     return [x for x in out if x]
 
 # %% ../nbs/46_reproduce.ipynb #6087f3ef

@@ -1,0 +1,128 @@
+"""rs-lab reproduce / run / report: resume after a kill, shards merged = unsharded, one-line refusals, shipped grids' dry runs."""
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+import pytest
+import yaml
+from rs_prompt_lab.core import load_json, save_json
+from rs_prompt_lab.reproduce import (build_report, cell_status, collect, expand_grid, load_grid, make_test_notebook, report_blocks,
+                                     reproduce)
+
+REPO = Path(__file__).resolve().parents[1]
+RS_LAB = str(Path(sys.executable).parent / "rs-lab")  # the console script installed in this venv
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "HF_HUB_OFFLINE": "1"}
+
+
+def rs_lab(*args, cwd=None):
+    return subprocess.run([RS_LAB, *map(str, args)], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300)
+
+
+def write_grid(path, nb, **kw):
+    d = {"seeds": [0, 1], "reference": "coop", "experiments": [{"name": "toy", "notebook": str(nb), "grid": {"METHOD": ["coop", "cfipt"]}}]}
+    d.update(kw)
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    "A toy grid (2 methods x 2 seeds) run once, unsharded, with 2 workers."
+    d = tmp_path_factory.mktemp("repro")
+    nb = make_test_notebook(d / "toy.ipynb")
+    grid = write_grid(d / "grid.yaml", nb)
+    out = d / "full"
+    assert reproduce(grid, out, workers=2, progress=False) == 0
+    return {"dir": d, "nb": nb, "grid": grid, "out": out}
+
+
+def test_run_records(toy):
+    cells = sorted(p for p in toy["out"].iterdir() if p.is_dir() and p.name.startswith("toy-"))
+    assert len(cells) == 4 and all(cell_status(c) == "finished" for c in cells)
+    cfg, run = load_json(cells[0] / "config.json"), load_json(cells[0] / "run.json")
+    assert cfg["hash"] in cells[0].name and cfg["seed"] in (0, 1) and cfg["inject"]["SEEDS"] == [cfg["seed"]]
+    assert {"commit", "dirty", "start", "end", "duration_s", "status", "python"} <= set(run) and run["status"] == "finished"
+    assert "papermill==" in (cells[0] / "env.txt").read_text() and (cells[0] / "cell.ipynb").exists()
+    for f in ("results.csv", "report.md", "report.html"): assert (toy["out"] / f).exists()
+
+
+def test_resume_skips_finished_and_reruns_killed(toy, tmp_path):
+    out = tmp_path / "runs"
+    shutil.copytree(toy["out"], out)
+    cells = sorted(p for p in out.iterdir() if p.is_dir() and p.name.startswith("toy-"))
+    killed = cells[1]
+    before = {c: (c / "result.json").stat().st_mtime_ns for c in cells}
+    (killed / "result.json").unlink()                   # a cell killed mid-run: started, no finished marker
+    save_json({**load_json(killed / "run.json"), "status": "running", "end": None}, killed / "run.json")
+    assert cell_status(killed) == "interrupted"
+    assert reproduce(toy["grid"], out, resume=True, progress=False) == 0
+    assert cell_status(killed) == "finished"
+    assert all((c / "result.json").stat().st_mtime_ns == before[c] for c in cells if c != killed)   # finished cells untouched
+    assert sorted(map(json.dumps, collect(out)["rows"]), key=str) == sorted(map(json.dumps, collect(toy["out"])["rows"]), key=str)
+
+
+def test_two_shards_merged_equal_unsharded(toy, tmp_path):
+    for i in (1, 2): assert reproduce(toy["grid"], tmp_path / f"machine{i}" / "runs", shard=f"{i}/2", progress=False) == 0
+    n = [len([p for p in (tmp_path / f"machine{i}" / "runs").iterdir() if p.name.startswith("toy-")]) for i in (1, 2)]
+    assert n == [2, 2]
+    merged = tmp_path / "merged"
+    for i in (1, 2): shutil.copytree(tmp_path / f"machine{i}" / "runs", merged / f"shard{i}")
+    key = lambda r: (r["cell"], r["metric"])
+    assert sorted(collect(merged)["rows"], key=key) == sorted(collect(toy["out"])["rows"], key=key)
+    tables = lambda f: [b for b in report_blocks(f) if b[0] == "table"]
+    assert tables(merged) == tables(toy["out"])
+    r = rs_lab("report", merged, "--reference", "cfipt")
+    assert r.returncode == 0 and "report:" in r.stdout and (merged / "report.html").exists(), r.stderr
+
+
+def test_failing_cell_cli_exit_code_and_report(toy, tmp_path):
+    bad = make_test_notebook(tmp_path / "boom.ipynb", fail=True)
+    grid = write_grid(tmp_path / "g.yaml", toy["nb"], seeds=[0],
+                      experiments=[{"name": "toy", "notebook": str(toy["nb"])}, {"name": "boom", "notebook": str(bad)}])
+    r = rs_lab("reproduce", grid, "--out", tmp_path / "runs", "--workers", "2", "--no-progress")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAILED boom-seed0-" in r.stdout and "ValueError: bad value 1 (as asked)" in r.stdout
+    html = (tmp_path / "runs" / "report.html").read_text()
+    assert "Cells that did not finish" in html and "bad value 1" in html and "http" not in html.split("<body>")[1]
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("change, msg", [
+    ({"seed": [0]}, "unknown key 'seed'. Did you mean: seeds?"),
+    ({"experiments": [{"name": "toy", "notebook": "NB", "params": {"METHOD": "cfipz"}}]}, "experiment 'toy', key METHOD: unknown method 'cfipz'"),
+    ({"experiments": [{"name": "toy", "notebook": "NB", "params": {"EPOHCS": 3}}]}, "experiment 'toy', key EPOHCS: not a parameter of toy.ipynb"),
+    ({"experiments": [{"name": "toy", "notebook": "NB", "parms": {}}]}, "unknown key 'parms'. Did you mean: params?"),
+])
+def test_bad_grid_refused_before_anything_runs(toy, tmp_path, change, msg):
+    d = {"seeds": [0], "experiments": [{"name": "toy", "notebook": str(toy["nb"])}]}
+    d.update(json.loads(json.dumps(change).replace('"NB"', json.dumps(str(toy["nb"])))))
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(d))
+    r = rs_lab("reproduce", tmp_path / "g.yaml", "--out", tmp_path / "runs")
+    assert r.returncode == 2 and msg in r.stderr and str(tmp_path / "g.yaml") in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_run_one_cell(toy, tmp_path):
+    r = rs_lab("run", toy["nb"], "-p", "X", "2", "-p", "METHOD", "cfipt", "--seed", "3", "--out", tmp_path / "one")
+    assert r.returncode == 0, r.stdout + r.stderr
+    cell = next((tmp_path / "one").iterdir())
+    assert load_json(cell / "config.json")["params"] == {"X": 2, "METHOD": "cfipt"} and load_json(cell / "config.json")["seed"] == 3
+    assert "cfipt acc = 0.7800" in r.stdout
+
+
+def test_submitit_executor(toy, tmp_path):
+    try: import submitit  # noqa: F401
+    except ImportError:
+        r = rs_lab("reproduce", toy["grid"], "--out", tmp_path / "runs", "--executor", "local")
+        assert r.returncode == 2 and "needs submitit, which is not installed here" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        return
+    assert reproduce(toy["grid"], tmp_path / "runs", executor="local", progress=False) == 0
+    assert sorted(map(json.dumps, collect(tmp_path / "runs")["rows"])) == sorted(map(json.dumps, collect(toy["out"])["rows"]))
+
+
+def test_shipped_grids_dry_run():
+    quick = REPO / "nbs" / "experiments" / "grids" / "quick.yaml"
+    cells = expand_grid(load_grid(quick))
+    assert {c.experiment for c in cells} >= {"pixel", "scene"} and {c.seed for c in cells} == {0, 1, 2}
+    r = rs_lab("reproduce", REPO / "nbs" / "experiments" / "grids" / "paper.yaml", "--dry-run", "--out", "/nonexistent/paper")
+    assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stderr
+    assert "cell(s)" in r.stdout and "estimate:" in r.stdout
+    if r.returncode == 1: assert "missing on this machine:" in r.stdout and "weights not found" in r.stdout
