@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 from .core import (ConfigError, DataError, RSLabError, atomic_write, first_line, get_logger, load_json, save_json,
                                 short_hash, slug, suggest)
-from .runner import HEADLINE
 
 # %% auto #0
 __all__ = ['log', 'GRID_KEYS', 'ENTRY_KEYS', 'REQUIRES_KEYS', 'SEED_KEYS', 'OUT_KEY', 'RESULT_COLUMNS', 'notebook_parameters',
@@ -571,6 +570,11 @@ def write_results(rows: list, folder) -> list:
     return [f"{folder/'results.csv'} and results.parquet ({len(rows)} rows)"]
 
 # %% ../nbs/46_reproduce.ipynb #e4fe48fb
+def _headline() -> dict:
+    "runner.HEADLINE (imported when a report is built: a cell's process never pays for torch)."
+    from rs_prompt_lab.runner import HEADLINE
+    return HEADLINE
+
 def _label(r: dict) -> str: return r["method"] + (f" [{r['variant']}]" if r.get("variant") else "")
 
 def _groups(rows: list) -> dict:
@@ -586,7 +590,8 @@ def _groups(rows: list) -> dict:
 def _metric_order(labels: dict) -> list:
     "Metric names of a group: the headline ones in runner.HEADLINE's order, then the rest sorted."
     have = {k for runs in labels.values() for v in runs.values() for k in v}
-    return [k for k in HEADLINE if k in have] + sorted(k for k in have if k not in HEADLINE)
+    H = _headline()
+    return [k for k in H if k in have] + sorted(k for k in have if k not in H)
 
 def _scale(vals) -> float: return 100.0 if all(0 <= v <= 1 for v in vals) else 1.0
 
@@ -636,7 +641,7 @@ def _bar_png(labels: dict, keys: list, title: str) -> bytes:
         vals = [[r[k] for r in labels[l].values() if k in r] for l in labs]
         sc = _scale([v for vs in vals for v in vs])
         m = [np.mean(v) * sc if v else np.nan for v in vals]; s = [np.std(v, ddof=1) * sc if len(v) > 1 else 0 for v in vals]
-        ax.bar(x + (j - (len(keys) - 1) / 2) * w, m, w, yerr=s, capsize=3, label=HEADLINE.get(k, k))
+        ax.bar(x + (j - (len(keys) - 1) / 2) * w, m, w, yerr=s, capsize=3, label=_headline().get(k, k))
     ax.set_xticks(x); ax.set_xticklabels(labs, rotation=30, ha="right", fontsize=8); ax.set_ylabel("mean ± std over seeds (% for fractions)", fontsize=8)
     ax.set_title(title, fontsize=9); ax.legend(fontsize=7); fig.tight_layout()
     b = io.BytesIO(); fig.savefig(b, format="png", dpi=80); return b.getvalue()
@@ -657,7 +662,7 @@ def _pictures(cells: list, names=("classmap*.png", "curve*.png")) -> list:
 # %% ../nbs/46_reproduce.ipynb #f7ae552c
 def report_blocks(folder, reference: str | None = None, confidence: float = 0.95, col: dict | None = None) -> list:
     "The report as blocks: ('h', level, text), ('p', text), ('table', header, rows), ('img', caption, png bytes)."
-    col = col or collect(folder)
+    col, H = col or collect(folder), _headline()
     rows, cells = col["rows"], col["cells"]
     if not cells: raise DataError(f"{folder}: no cell folders below it (config.json of rs-lab reproduce); run rs-lab reproduce GRID --out {folder} first")
     fin, bad = [c for c in cells if c["status"] == "finished"], [c for c in cells if c["status"] != "finished"]
@@ -672,11 +677,12 @@ def report_blocks(folder, reference: str | None = None, confidence: float = 0.95
         keys = _metric_order(labels)
         refs = [c["reference"] for c in fin if c["reference"]]
         ref = _reference_label(labels, reference or (max(set(refs), key=refs.count) if refs else None))
-        B += [("h", 2, f"{ds} | protocol {proto}"), ("table", ["method", "seeds", *[HEADLINE.get(k, k) for k in keys]], _summary_table(labels, keys))]
+        title = ds + (f" | protocol {proto}" if proto != "-" else "")
+        B += [("h", 2, title), ("table", ["method", "seeds", *[H.get(k, k) for k in keys]], _summary_table(labels, keys))]
         if ref and len(labels) > 1:
-            B += [("p", f"Paired differences against {ref}:"), ("table", [f"vs {ref}", "seeds", *[f"Δ{HEADLINE.get(k, k)}" for k in keys]], _diff_table(labels, keys, ref, confidence))]
+            B += [("p", f"Paired differences against {ref}:"), ("table", [f"vs {ref}", "seeds", *[f"Δ{H.get(k, k)}" for k in keys]], _diff_table(labels, keys, ref, confidence))]
         elif not ref and (reference or refs): B.append(("p", f"(no paired differences: reference {reference or refs[0]!r} is not among this group's methods)"))
-        B.append(("img", f"{ds} | {proto}", _bar_png(labels, keys, f"{ds} | {proto}")))
+        B.append(("img", title, _bar_png(labels, keys, title)))
     pics = _pictures(fin)
     if pics: B += [("h", 2, "Class maps and training curves (first seed)")] + [("img", cap, p.read_bytes()) for cap, p in pics]
     if bad:
@@ -732,12 +738,14 @@ def _report_text(folder, reference: str | None = None, confidence: float = 0.95)
     "Build the report and return what the terminal shows: where it is, and the first metric's table per group."
     r = build_report(folder, reference, confidence)
     out = [f"report: {Path(r['html']).resolve()}  (and {r['md'].name}; {'; '.join(r['notes'])})"]
-    for b in r["blocks"]:
-        if b[0] == "h" and b[1] == 2: out.append(f"\n{b[2]}")
+    bl = r["blocks"]
+    for b, nxt in zip(bl, bl[1:] + [("end",)]):
+        if b[0] == "h" and b[1] == 2 and nxt[0] == "table": out.append(f"\n{b[2]}")
         if b[0] == "table" and b[1][0] in ("method", "cell"):
-            cols = b[1][:3] if b[1][0] == "method" else b[1]
-            w = [max(len(str(x[i])) for x in [cols, *b[2]]) for i in range(len(cols))]
-            out += ["  " + "  ".join(f"{str(x[i]):<{w[i]}}" for i in range(len(cols))) for x in [cols, *b[2]]]
+            n = 5 if b[1][0] == "method" else len(b[1])   # method, seeds and the first three metrics
+            rows = [x[:n] for x in [b[1], *b[2]]]
+            w = [max(len(str(x[i])) for x in rows) for i in range(len(rows[0]))]
+            out += ["  " + "  ".join(f"{str(x[i]):<{w[i]}}" for i in range(len(x))) for x in rows]
     return "\n".join(out)
 
 # %% ../nbs/46_reproduce.ipynb #2a64d2e9

@@ -13,7 +13,16 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.e
 
 
 def rs_lab(*args, cwd=None):
+    "The installed console script in a fresh process (what a user runs)."
     return subprocess.run([RS_LAB, *map(str, args)], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300)
+
+
+def cli(capsys, *args):
+    "rs-lab in this process (faster): (exit code, stdout, stderr)."
+    from rs_prompt_lab.cli import main
+    rc = main([str(a) for a in args])
+    o = capsys.readouterr()
+    return rc, o.out, o.err
 
 
 def write_grid(path, nb, **kw):
@@ -60,7 +69,7 @@ def test_resume_skips_finished_and_reruns_killed(toy, tmp_path):
 
 
 def test_two_shards_merged_equal_unsharded(toy, tmp_path):
-    for i in (1, 2): assert reproduce(toy["grid"], tmp_path / f"machine{i}" / "runs", shard=f"{i}/2", progress=False) == 0
+    for i in (1, 2): assert reproduce(toy["grid"], tmp_path / f"machine{i}" / "runs", workers=2, shard=f"{i}/2", progress=False) == 0
     n = [len([p for p in (tmp_path / f"machine{i}" / "runs").iterdir() if p.name.startswith("toy-")]) for i in (1, 2)]
     assert n == [2, 2]
     merged = tmp_path / "merged"
@@ -70,19 +79,19 @@ def test_two_shards_merged_equal_unsharded(toy, tmp_path):
     tables = lambda f: [b for b in report_blocks(f) if b[0] == "table"]
     assert tables(merged) == tables(toy["out"])
     r = rs_lab("report", merged, "--reference", "cfipt")
-    assert r.returncode == 0 and "report:" in r.stdout and (merged / "report.html").exists(), r.stderr
+    assert r.returncode == 0 and "report:" in r.stdout and "vs cfipt" in (merged / "report.md").read_text(), r.stderr
 
 
-def test_failing_cell_cli_exit_code_and_report(toy, tmp_path):
+def test_failing_cell_cli_exit_code_and_report(toy, tmp_path, capsys):
     bad = make_test_notebook(tmp_path / "boom.ipynb", fail=True)
     grid = write_grid(tmp_path / "g.yaml", toy["nb"], seeds=[0],
                       experiments=[{"name": "toy", "notebook": str(toy["nb"])}, {"name": "boom", "notebook": str(bad)}])
-    r = rs_lab("reproduce", grid, "--out", tmp_path / "runs", "--workers", "2", "--no-progress")
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert "FAILED boom-seed0-" in r.stdout and "ValueError: bad value 1 (as asked)" in r.stdout
+    rc, out, err = cli(capsys, "reproduce", grid, "--out", tmp_path / "runs", "--workers", "2", "--no-progress")
+    assert rc == 1, out + err
+    assert "FAILED boom-seed0-" in out and "ValueError: bad value 1 (as asked)" in out and "Cells that did not finish" in out
     html = (tmp_path / "runs" / "report.html").read_text()
     assert "Cells that did not finish" in html and "bad value 1" in html and "http" not in html.split("<body>")[1]
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("change, msg", [
@@ -91,38 +100,45 @@ def test_failing_cell_cli_exit_code_and_report(toy, tmp_path):
     ({"experiments": [{"name": "toy", "notebook": "NB", "params": {"EPOHCS": 3}}]}, "experiment 'toy', key EPOHCS: not a parameter of toy.ipynb"),
     ({"experiments": [{"name": "toy", "notebook": "NB", "parms": {}}]}, "unknown key 'parms'. Did you mean: params?"),
 ])
-def test_bad_grid_refused_before_anything_runs(toy, tmp_path, change, msg):
+def test_bad_grid_refused_before_anything_runs(toy, tmp_path, change, msg, capsys):
     d = {"seeds": [0], "experiments": [{"name": "toy", "notebook": str(toy["nb"])}]}
     d.update(json.loads(json.dumps(change).replace('"NB"', json.dumps(str(toy["nb"])))))
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(d))
+    rc, out, err = cli(capsys, "reproduce", tmp_path / "g.yaml", "--out", tmp_path / "runs")
+    assert rc == 2 and msg in err and str(tmp_path / "g.yaml") in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_bad_grid_console_script_one_line(tmp_path):
+    (tmp_path / "g.yaml").write_text("experiments: [{notebook: 01_cfipt_pixel.ipynb, params: {EPOHCS: 3}}]\n")
     r = rs_lab("reproduce", tmp_path / "g.yaml", "--out", tmp_path / "runs")
-    assert r.returncode == 2 and msg in r.stderr and str(tmp_path / "g.yaml") in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "key EPOHCS: not a parameter of 01_cfipt_pixel.ipynb. Did you mean: EPOCHS?" in r.stderr, r.stderr
 
 
-def test_run_one_cell(toy, tmp_path):
-    r = rs_lab("run", toy["nb"], "-p", "X", "2", "-p", "METHOD", "cfipt", "--seed", "3", "--out", tmp_path / "one")
-    assert r.returncode == 0, r.stdout + r.stderr
+def test_run_one_cell(toy, tmp_path, capsys):
+    rc, out, err = cli(capsys, "run", toy["nb"], "-p", "X", "2", "-p", "METHOD", "cfipt", "--seed", "3", "--out", tmp_path / "one")
+    assert rc == 0, out + err
     cell = next((tmp_path / "one").iterdir())
     assert load_json(cell / "config.json")["params"] == {"X": 2, "METHOD": "cfipt"} and load_json(cell / "config.json")["seed"] == 3
-    assert "cfipt acc = 0.7800" in r.stdout
+    assert "cfipt acc = 0.7800" in out
 
 
-def test_submitit_executor(toy, tmp_path):
+def test_submitit_executor(toy, tmp_path, capsys):
     try: import submitit  # noqa: F401
     except ImportError:
-        r = rs_lab("reproduce", toy["grid"], "--out", tmp_path / "runs", "--executor", "local")
-        assert r.returncode == 2 and "needs submitit, which is not installed here" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        rc, out, err = cli(capsys, "reproduce", toy["grid"], "--out", tmp_path / "runs", "--executor", "local")
+        assert rc == 2 and "needs submitit, which is not installed here" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "runs").exists()
         return
     assert reproduce(toy["grid"], tmp_path / "runs", executor="local", progress=False) == 0
     assert sorted(map(json.dumps, collect(tmp_path / "runs")["rows"])) == sorted(map(json.dumps, collect(toy["out"])["rows"]))
 
 
-def test_shipped_grids_dry_run():
+def test_shipped_grids_dry_run(capsys):
     quick = REPO / "nbs" / "experiments" / "grids" / "quick.yaml"
     cells = expand_grid(load_grid(quick))
     assert {c.experiment for c in cells} >= {"pixel", "scene"} and {c.seed for c in cells} == {0, 1, 2}
-    r = rs_lab("reproduce", REPO / "nbs" / "experiments" / "grids" / "paper.yaml", "--dry-run", "--out", "/nonexistent/paper")
-    assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stderr
-    assert "cell(s)" in r.stdout and "estimate:" in r.stdout
-    if r.returncode == 1: assert "missing on this machine:" in r.stdout and "weights not found" in r.stdout
+    rc, out, err = cli(capsys, "reproduce", REPO / "nbs" / "experiments" / "grids" / "paper.yaml", "--dry-run", "--out", "/nonexistent/paper")
+    assert rc in (0, 1) and "Traceback" not in err, err
+    assert "153 cell(s)" in out and "estimate:" in out
+    if rc == 1: assert "missing on this machine:" in out and "weights not found" in out
