@@ -299,11 +299,12 @@ def prepare_cell(cell: Cell, out) -> Path:
     return cd
 
 def cell_status(cd) -> str:
-    "'finished' (result.json), 'failed' (error.txt), 'interrupted' (started, neither), or 'new'."
+    "'finished' (result.json), 'failed' (error.txt), 'interrupted' (started: run.json, neither), 'pending' (prepared, never started) or 'new'."
     cd = Path(cd)
     if (cd/"result.json").exists(): return "finished"
     if (cd/"error.txt").exists(): return "failed"
-    return "interrupted" if (cd/"config.json").exists() else "new"
+    if (cd/"run.json").exists(): return "interrupted"
+    return "pending" if (cd/"config.json").exists() else "new"
 
 def _kernel_dir() -> str:
     "A folder (one per interpreter, reused) with a kernelspec 'rs-lab-python' running this interpreter."
@@ -457,6 +458,7 @@ def reproduce(grid, # a grid YAML path, or a Grid
                           "pass --resume to skip the finished ones and run the rest, or choose another --out")
     todo = [c for c in cells if st[c.name] != "finished"]
     if len(todo) < len(cells): print(f"{len(cells) - len(todo)} of {len(cells)} cells finished already (skipped)")
+    todo.sort(key=lambda c: -(c.minutes or 0))   # longest first (the grid's cell_minutes): no long cell left alone at the end
     cds = [prepare_cell(c, out) for c in todo]
     res = _run_cells(cds, workers, progress) if executor == "process" else _submitit(cds, executor, out, workers, executor_opts or {})
     failed = [Path(cd) for cd, s in res.items() if s != "finished"]
@@ -578,12 +580,14 @@ def _headline() -> dict:
 def _label(r: dict) -> str: return r["method"] + (f" [{r['variant']}]" if r.get("variant") else "")
 
 def _groups(rows: list) -> dict:
-    "{(dataset, protocol): {label: {seed: {metric: value}}}}; a label used by two experiments gets the experiment's name."
-    exps = {}
-    for r in rows: exps.setdefault((r["dataset"], r["protocol"], _label(r)), set()).add(r["experiment"])
+    "{(dataset, protocol): {label: {seed: {metric: value}}}}; a label two experiments report for the same seed gets the experiment's name."
+    seen, clash = {}, set()
+    for r in rows:
+        k = (r["dataset"], r["protocol"], _label(r))
+        if seen.setdefault((*k, int(r["seed"])), r["experiment"]) != r["experiment"]: clash.add(k)
     out = {}
     for r in rows:
-        lab = _label(r) if len(exps[(r["dataset"], r["protocol"], _label(r))]) == 1 else f"{r['experiment']}:{_label(r)}"
+        lab = _label(r) if (r["dataset"], r["protocol"], _label(r)) not in clash else f"{r['experiment']}:{_label(r)}"
         out.setdefault((r["dataset"], r["protocol"]), {}).setdefault(lab, {}).setdefault(int(r["seed"]), {})[r["metric"]] = r["value"]
     return out
 
@@ -670,7 +674,7 @@ def report_blocks(folder, reference: str | None = None, confidence: float = 0.95
     secs = sum(c["duration_s"] or 0 for c in fin)
     B = [("h", 1, f"Reproduction report: {Path(folder).name}"),
          ("p", f"{len(fin)} of {len(cells)} cells finished, {sum(c['status'] == 'failed' for c in cells)} failed, "
-               f"{sum(c['status'] == 'interrupted' for c in cells)} unfinished; {secs / 60:.1f} cell-minutes; code: {', '.join(commits) or '-'}. "
+               f"{sum(c['status'] in ('interrupted', 'pending') for c in cells)} unfinished; {secs / 60:.1f} cell-minutes; code: {', '.join(commits) or '-'}. "
                f"Values: mean ± std over seeds (fractions in %); Δ: paired per-seed difference against the reference with its "
                f"{100 * confidence:.0f} % interval, * where the interval excludes zero.")]
     for (ds, proto), labels in sorted(_groups(rows).items()):
@@ -687,7 +691,7 @@ def report_blocks(folder, reference: str | None = None, confidence: float = 0.95
     if pics: B += [("h", 2, "Class maps and training curves (first seed)")] + [("img", cap, p.read_bytes()) for cap, p in pics]
     if bad:
         B += [("h", 2, "Cells that did not finish"),
-              ("table", ["cell", "status", "error"], [[c["name"], c["status"], c["error"] or "(started, no result: interrupted or running)"] for c in bad])]
+              ("table", ["cell", "status", "error"], [[c["name"], c["status"], c["error"] or ("(started, no result: interrupted or running)" if c["status"] == "interrupted" else "(never started)")] for c in bad])]
     return B
 
 # %% ../nbs/46_reproduce.ipynb #e6ce4873

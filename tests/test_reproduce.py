@@ -53,6 +53,21 @@ def test_run_records(toy):
     for f in ("results.csv", "report.md", "report.html"): assert (toy["out"] / f).exists()
 
 
+def test_results_table_csv_and_parquet(toy, tmp_path):
+    from rs_prompt_lab.reproduce import RESULT_COLUMNS, write_results
+    rows = collect(toy["out"])["rows"]
+    assert len(rows) == 8 and {r["metric"] for r in rows} == {"acc", "loss"}   # 2 methods x 2 seeds x 2 metrics
+    notes = write_results(rows, tmp_path)
+    import csv
+    back = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [float(r["value"]) for r in back] == [r["value"] for r in rows] and list(back[0]) == list(RESULT_COLUMNS)
+    try: import pyarrow.parquet as pq
+    except ImportError:
+        assert "pyarrow is not installed" in notes[0] and not (tmp_path / "results.parquet").exists(); return
+    t = pq.read_table(tmp_path / "results.parquet").to_pylist()
+    assert [r["value"] for r in t] == [r["value"] for r in rows] and [r["method"] for r in t] == [r["method"] for r in rows]
+
+
 def test_resume_skips_finished_and_reruns_killed(toy, tmp_path):
     out = tmp_path / "runs"
     shutil.copytree(toy["out"], out)
