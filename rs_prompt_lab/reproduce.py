@@ -597,7 +597,7 @@ def _metric_order(labels: dict) -> list:
     H = _headline()
     return [k for k in H if k in have] + sorted(k for k in have if k not in H)
 
-def _scale(vals) -> float: return 100.0 if all(0 <= v <= 1 for v in vals) else 1.0
+def _scale(vals) -> float: return 100.0 if all(abs(v) <= 1 for v in vals) else 1.0   # fractions (kappa may dip below 0) in %
 
 # %% ../nbs/46_reproduce.ipynb #85f841af
 def _summary_table(labels: dict, keys: list) -> list:
@@ -651,7 +651,7 @@ def _bar_png(labels: dict, keys: list, title: str) -> bytes:
     b = io.BytesIO(); fig.savefig(b, format="png", dpi=80); return b.getvalue()
 
 def _pictures(cells: list, names=("classmap*.png", "curve*.png")) -> list:
-    "(caption, png path) of the class maps and training curves of the finished cells' lowest seed per experiment/variant."
+    "(caption, png path): per finished configuration's lowest seed, its class map and training curve (one of each per run folder)."
     first = {}
     for c in cells:
         if c["status"] == "finished":
@@ -660,7 +660,11 @@ def _pictures(cells: list, names=("classmap*.png", "curve*.png")) -> list:
     out = []
     for c in sorted(first.values(), key=lambda c: c["name"]):
         for pat in names:
-            for p in sorted((c["dir"]/"out").rglob(pat))[:1]: out.append((f"{c['name']}: {p.name}", p))
+            seen = set()
+            for p in sorted((c["dir"]/"out").rglob(pat)):
+                run = next((q for q in p.parents if q.name.startswith("seed")), p.parent)   # the seed folder it belongs to
+                if run in seen: continue
+                seen.add(run); out.append((f"{run.parent.name} {run.name}: {p.stem}", p))
     return out
 
 # %% ../nbs/46_reproduce.ipynb #f7ae552c
@@ -677,9 +681,11 @@ def report_blocks(folder, reference: str | None = None, confidence: float = 0.95
                f"{sum(c['status'] in ('interrupted', 'pending') for c in cells)} unfinished; {secs / 60:.1f} cell-minutes; code: {', '.join(commits) or '-'}. "
                f"Values: mean ± std over seeds (fractions in %); Δ: paired per-seed difference against the reference with its "
                f"{100 * confidence:.0f} % interval, * where the interval excludes zero.")]
+    ref_of, grefs = {c["name"]: c["reference"] for c in cells}, {}
+    for r in rows: grefs.setdefault((r["dataset"], r["protocol"]), []).append(ref_of.get(r["cell"]))
     for (ds, proto), labels in sorted(_groups(rows).items()):
         keys = _metric_order(labels)
-        refs = [c["reference"] for c in fin if c["reference"]]
+        refs = [x for x in grefs[(ds, proto)] if x]   # the grid's reference of the cells in this group
         ref = _reference_label(labels, reference or (max(set(refs), key=refs.count) if refs else None))
         title = ds + (f" | protocol {proto}" if proto != "-" else "")
         B += [("h", 2, title), ("table", ["method", "seeds", *[H.get(k, k) for k in keys]], _summary_table(labels, keys))]
