@@ -56,19 +56,22 @@ def notebook_parameters(path, # an .ipynb with one cell tagged `parameters`
     return out
 
 # %% ../nbs/46_reproduce.ipynb #9571a2d1
-_TEST_NB = '''import json, pathlib
+_TEST_NB = '''import json, pathlib, time
 if FAIL: raise ValueError(f"bad value {X!r} (as asked)")
 acc = 0.5 + 0.1 * X + 0.01 * SEEDS[0] + (0.05 if METHOD == "cfipt" else 0.0)
 out = pathlib.Path(OUT_DIR) / "toy" / f"seed{SEEDS[0]}"
 out.mkdir(parents=True, exist_ok=True)
+if SLEEP and not (out / "ckpt").exists():   # a long first attempt; a resumed one finds its 'checkpoint'
+    (out / "ckpt").write_text("1"); time.sleep(SLEEP)
 (out / "metrics.json").write_text(json.dumps({"method": METHOD, "dataset": "toy", "seed": SEEDS[0], "acc": acc, "loss": 1 - acc}))'''
 
 def make_test_notebook(path, # where to write the .ipynb
                        fail: bool = False, # the notebook raises ValueError
                       ) -> Path:
-    "A tiny experiment notebook (parameters X, METHOD, SEEDS, OUT_DIR, FAIL) that writes a metrics.json in well under a second."
+    "A tiny experiment notebook (parameters X, METHOD, SEEDS, OUT_DIR, FAIL, SLEEP) that writes a metrics.json in well under a second."
     params = ('X: int = 1  # a number (any "quotes" or (parentheses) in a comment are fine)\nMETHOD: str = "coop"  # method name\n'
-              f'SEEDS: list = [0]  # seeds\nOUT_DIR: str = "runs"  # output folder\nFAIL: bool = {fail}  # raise on purpose')
+              f'SEEDS: list = [0]  # seeds\nOUT_DIR: str = "runs"  # output folder\nFAIL: bool = {fail}  # raise on purpose\n'
+              'SLEEP: float = 0  # seconds the first attempt sleeps after writing its checkpoint (a cell to kill)')
     cell = lambda src, tags=(): {"cell_type": "code", "execution_count": None, "id": short_hash(src, 8), "metadata": {"tags": list(tags)} if tags else {},
                                  "outputs": [], "source": src}
     nb = {"cells": [cell(params, ["parameters"]), cell(_TEST_NB)], "metadata": {"kernelspec": {"display_name": "python3", "language": "python", "name": "python3"}},

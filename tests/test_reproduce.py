@@ -83,6 +83,31 @@ def test_resume_skips_finished_and_reruns_killed(toy, tmp_path):
     assert sorted(map(json.dumps, collect(out)["rows"]), key=str) == sorted(map(json.dumps, collect(toy["out"])["rows"]), key=str)
 
 
+def test_sigkill_then_resume_equals_uninterrupted(toy, tmp_path):
+    "SIGKILL a cell's process tree mid-run: recorded as failed (no result); --resume finishes it with the uninterrupted metrics."
+    import threading, time, psutil
+    grid = write_grid(tmp_path / "g.yaml", toy["nb"], seeds=[0],
+                      experiments=[{"name": "toy", "notebook": str(toy["nb"]), "params": {"METHOD": "cfipt", "SLEEP": 60}}])
+    out, rc = tmp_path / "runs", []
+    t = threading.Thread(target=lambda: rc.append(reproduce(grid, out, progress=False, report=False))); t.start()
+    t0 = time.time()
+    while not list(out.glob("toy-*/out/toy/seed0/ckpt")):   # the notebook is running (its first 'checkpoint' is written)
+        assert time.time() - t0 < 60 and t.is_alive(), "the cell never started"
+        time.sleep(0.2)
+    cd = next(out.glob("toy-*"))
+    p = psutil.Process(load_json(cd / "run.json")["pid"])
+    for q in [p, *p.children(recursive=True)]: q.kill()         # SIGKILL: the cell's process and its kernel
+    t.join(60)
+    assert rc == [1] and cell_status(cd) == "failed" and "exit code -9" in (cd / "error.txt").read_text()
+    assert not (cd / "result.json").exists()
+    t1 = time.time()
+    assert reproduce(grid, out, resume=True, progress=False, report=False) == 0 and time.time() - t1 < 40   # resumed: no 60 s sleep
+    grid2 = write_grid(tmp_path / "g2.yaml", toy["nb"], seeds=[0], experiments=[{"name": "toy", "notebook": str(toy["nb"]), "params": {"METHOD": "cfipt"}}])
+    assert reproduce(grid2, tmp_path / "fresh", progress=False, report=False) == 0          # the same cell, never interrupted (no wait)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "cell"} for r in rows]
+    assert strip(collect(out)["rows"]) == strip(collect(tmp_path / "fresh")["rows"]) and collect(out)["rows"][0]["value"] == pytest.approx(0.65)
+
+
 def test_two_shards_merged_equal_unsharded(toy, tmp_path):
     for i in (1, 2): assert reproduce(toy["grid"], tmp_path / f"machine{i}" / "runs", workers=2, shard=f"{i}/2", progress=False) == 0
     n = [len([p for p in (tmp_path / f"machine{i}" / "runs").iterdir() if p.name.startswith("toy-")]) for i in (1, 2)]
