@@ -326,8 +326,16 @@ def _error_text(e: BaseException) -> str:
 def run_cell(cell_dir, # a folder written by prepare_cell
              kernel: str | None = None, # kernel name (default: this interpreter)
             ) -> int:
-    "Execute a prepared cell with papermill; write run.json, env.txt, then error.txt or result.json (last). 0 if finished."
+    "Execute a prepared cell with papermill; write run.json, env.txt, then error.txt or result.json (last). 0 finished, 1 failed, 3 busy."
+    from filelock import FileLock, Timeout
     cd = Path(cell_dir).resolve(); cfg = load_json(cd/"config.json")
+    lock = FileLock(str(cd/".lock"))
+    try: lock.acquire(timeout=0)
+    except Timeout: return 3   # another process is running this cell right now: leave it alone
+    try: return _run_locked(cd, cfg, kernel)
+    finally: lock.release()
+
+def _run_locked(cd: Path, cfg: dict, kernel: str | None) -> int:
     for f in ("error.txt", "result.json"): (cd/f).unlink(missing_ok=True)
     t0 = time.time()
     rec = {"status": "running", "start": _now(), "end": None, "duration_s": None, **git_state(), "host": platform.node(), "pid": os.getpid(),
@@ -392,6 +400,7 @@ def launch_cell(cd, env: dict | None = None) -> str:
     cd = Path(cd)
     with open(cd/"log.txt", "ab") as f:
         r = subprocess.run([sys.executable, "-c", _CHILD, str(cd)], stdout=f, stderr=subprocess.STDOUT, env=env or _child_env(1))
+    if r.returncode == 3: return "busy"
     st = cell_status(cd)
     if r.returncode != 0 and st != "failed": _dead(cd, f"the cell's process ended with exit code {r.returncode} before recording a result (killed?)"); st = "failed"
     return st
@@ -412,10 +421,11 @@ def _submitit(cds: list, executor: str, out: Path, workers: int, opts: dict) -> 
     from tqdm.auto import tqdm
     res = {}
     for cd, job in tqdm(list(zip(cds, jobs)), desc="cells (submitit)", unit="cell"):
-        try: job.result()
+        try: rc = job.result()
         except Exception as e:
+            rc = None
             if cell_status(cd) != "failed": _dead(Path(cd), f"submitit job {job.job_id} failed: {first_line(e)}")
-        res[cd] = cell_status(cd)
+        res[cd] = "busy" if rc == 3 else cell_status(cd)
     return res
 
 def _run_cells(cds: list, workers: int, progress: bool) -> dict:
@@ -464,13 +474,16 @@ def reproduce(grid, # a grid YAML path, or a Grid
     todo.sort(key=lambda c: -(c.minutes or 0))   # longest first (the grid's cell_minutes): no long cell left alone at the end
     cds = [prepare_cell(c, out) for c in todo]
     res = _run_cells(cds, workers, progress) if executor == "process" else _submitit(cds, executor, out, workers, executor_opts or {})
-    failed = [Path(cd) for cd, s in res.items() if s != "finished"]
+    busy = [Path(cd) for cd, s in res.items() if s == "busy"]
+    for cd in busy: print(f"BUSY {cd.name}: another process is running this cell (its lock {cd/'.lock'} is held); not touched")
+    failed = [Path(cd) for cd, s in res.items() if s not in ("finished", "busy")]
     for cd in failed: print(f"FAILED {cd.name}: {(cd/'error.txt').read_text().splitlines()[0] if (cd/'error.txt').exists() else 'no error recorded'}")
-    print(f"{len(res) - len(failed)} cell(s) finished now, {len(failed)} failed, {len(cells) - len(todo)} finished before")
+    print(f"{len(res) - len(failed) - len(busy)} cell(s) finished now, {len(failed)} failed, {len(cells) - len(todo)} finished before"
+          + (f", {len(busy)} busy elsewhere" if busy else ""))
     if report:
         try: print(_report_text(out, reference))
         except RSLabError as e: print(f"no report: {e}")
-    return 1 if failed else 0
+    return 1 if failed or busy else 0
 
 # %% ../nbs/46_reproduce.ipynb #e8cb80a7
 def _check_dataset(name: str, root) -> str | None:
