@@ -136,6 +136,7 @@ def parse_grid(d, where: str = "<grid>") -> Grid:
         out.append(e)
     return Grid(Path(where), out, seeds, d.get("reference"), str(d.get("description", "")))
 
+# %% ../nbs/46_reproduce.ipynb #96bc881e
 def load_grid(path) -> Grid:
     "Read a grid YAML and check its structure."
     import yaml
@@ -148,7 +149,7 @@ def load_grid(path) -> Grid:
     g = parse_grid(d, str(path)); g.path = path
     return g
 
-# %% ../nbs/46_reproduce.ipynb #864f7adf
+# %% ../nbs/46_reproduce.ipynb #626d9be4
 def experiments_dir() -> Path:
     "nbs/experiments of the checkout this package was loaded from."
     import importlib.util
@@ -168,7 +169,7 @@ def _nb_id(path: Path) -> str:
     try: return path.relative_to(experiments_dir().resolve()).as_posix()
     except ValueError: return path.name
 
-# %% ../nbs/46_reproduce.ipynb #626d9be4
+# %% ../nbs/46_reproduce.ipynb #e2926f74
 @dataclass
 class Cell:
     "One notebook x parameters x seed."
@@ -201,7 +202,7 @@ def _short(v) -> str:
     if isinstance(v, list) and len(v) == 1: v = v[0]
     return json.dumps(v, sort_keys=True, separators=(",", ":")).strip('"') if not isinstance(v, str) else v
 
-# %% ../nbs/46_reproduce.ipynb #e2926f74
+# %% ../nbs/46_reproduce.ipynb #f52be16e
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,), "dict": (dict,)}
 
 def _check_value(k: str, v, decl: dict, where: str):
@@ -218,6 +219,7 @@ def _check_methods(k: str, v, where: str):
         if not isinstance(m, str) or (m not in known and ":" not in m):
             raise ConfigError(f"{where}, key {k}: unknown method {m!r}.{suggest(str(m), known)} Known: rs-lab params --help, or methods.list_methods()")
 
+# %% ../nbs/46_reproduce.ipynb #ef5242a1
 def _entry_cells(e: dict, grid: Grid) -> list:
     "The cells of one grid entry (validated)."
     where = f"{grid.path}, experiment {e['name']!r}"
@@ -244,6 +246,7 @@ def _entry_cells(e: dict, grid: Grid) -> list:
             cells.append(Cell(e["name"], _nb_id(path), path, params, s, varied, seed_key, ref, e.get("cell_minutes"), dict(e.get("requires", {}))))
     return cells
 
+# %% ../nbs/46_reproduce.ipynb #addc39bd
 def expand_grid(grid: Grid) -> list:
     "Every cell of the grid, in grid order, after checking notebooks, parameters and methods; refuses duplicates."
     cells, seen = [], {}
@@ -253,7 +256,7 @@ def expand_grid(grid: Grid) -> list:
             seen[c.hash] = c.experiment; cells.append(c)
     return cells
 
-# %% ../nbs/46_reproduce.ipynb #a6479d46
+# %% ../nbs/46_reproduce.ipynb #c36f1c3d
 def parse_shard(s: str) -> tuple:
     "(i, n) from 'i/n' with 1 <= i <= n."
     try: i, n = (int(x) for x in str(s).split("/"))
@@ -266,7 +269,7 @@ def shard_cells(cells: list, i: int, n: int) -> list:
     mine = {c.hash for c in sorted(cells, key=lambda c: c.hash)[i - 1::n]}
     return [c for c in cells if c.hash in mine]
 
-# %% ../nbs/46_reproduce.ipynb #c36f1c3d
+# %% ../nbs/46_reproduce.ipynb #3fcba4fd
 def env_lock() -> str:
     "`pip freeze`-style lines (name==version) of every installed distribution, sorted; no subprocess."
     import importlib.metadata as md
@@ -289,7 +292,7 @@ def git_state(path=None) -> dict:
 
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
-# %% ../nbs/46_reproduce.ipynb #3fcba4fd
+# %% ../nbs/46_reproduce.ipynb #b02934ba
 def prepare_cell(cell: Cell, out) -> Path:
     "The cell's folder under `out` with its config.json (refused if the folder holds another config)."
     cd = Path(out)/cell.name
@@ -316,7 +319,7 @@ def _kernel_dir() -> str:
               d/"kernels"/"rs-lab-python"/"kernel.json")
     return str(d)
 
-# %% ../nbs/46_reproduce.ipynb #023b6325
+# %% ../nbs/46_reproduce.ipynb #d6027aa1
 def _error_text(e: BaseException) -> str:
     "The exception's last line (for a notebook error: the notebook's exception), then its details."
     ename, evalue = getattr(e, "ename", None), getattr(e, "evalue", None)
@@ -335,6 +338,7 @@ def run_cell(cell_dir, # a folder written by prepare_cell
     try: return _run_locked(cd, cfg, kernel)
     finally: lock.release()
 
+# %% ../nbs/46_reproduce.ipynb #419d5095
 def _run_locked(cd: Path, cfg: dict, kernel: str | None) -> int:
     for f in ("error.txt", "result.json"): (cd/f).unlink(missing_ok=True)
     t0 = time.time()
@@ -362,7 +366,7 @@ def _run_locked(cd: Path, cfg: dict, kernel: str | None) -> int:
     save_json({"status": "finished", "name": cfg["name"], "hash": cfg["hash"], "duration_s": rec["duration_s"], "rows": rows}, cd/"result.json")
     return 0
 
-# %% ../nbs/46_reproduce.ipynb #b02934ba
+# %% ../nbs/46_reproduce.ipynb #82324177
 def _num(v) -> bool: return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
 
 def metrics_rows(out_dir, cfg: dict) -> list:
@@ -378,7 +382,7 @@ def metrics_rows(out_dir, cfg: dict) -> list:
     if sums: return [r for s in map(load_json, sums) for seed, v in (s.get("per_seed") or {}).items() for r in rows(s, seed, v)]
     return [r for m in map(load_json, sorted(out.rglob("metrics.json"))) for r in rows(m, m.get("seed", cfg["seed"]), m)]
 
-# %% ../nbs/46_reproduce.ipynb #82324177
+# %% ../nbs/46_reproduce.ipynb #4698aa98
 _CHILD = "import sys; from rs_prompt_lab.reproduce import run_cell; sys.exit(run_cell(sys.argv[1]))"
 
 def _child_env(workers: int) -> dict:
@@ -405,7 +409,7 @@ def launch_cell(cd, env: dict | None = None) -> str:
     if r.returncode != 0 and st != "failed": _dead(cd, f"the cell's process ended with exit code {r.returncode} before recording a result (killed?)"); st = "failed"
     return st
 
-# %% ../nbs/46_reproduce.ipynb #2be5247a
+# %% ../nbs/46_reproduce.ipynb #a0b8e076
 def _need_submitit(executor: str):
     "The submitit module, or one line saying how to get it."
     try: import submitit
@@ -428,6 +432,7 @@ def _submitit(cds: list, executor: str, out: Path, workers: int, opts: dict) -> 
         res[cd] = "busy" if rc == 3 else cell_status(cd)
     return res
 
+# %% ../nbs/46_reproduce.ipynb #e8cb80a7
 def _run_cells(cds: list, workers: int, progress: bool) -> dict:
     "Run prepared cells, `workers` child processes at a time; {cell dir: status}."
     from tqdm.auto import tqdm
@@ -441,7 +446,7 @@ def _run_cells(cds: list, workers: int, progress: bool) -> dict:
             bar.update(1); bar.set_postfix(failed=sum(s == "failed" for s in res.values()))
     return res
 
-# %% ../nbs/46_reproduce.ipynb #9b46f98f
+# %% ../nbs/46_reproduce.ipynb #6087f3ef
 def reproduce(grid, # a grid YAML path, or a Grid
               out="runs/grid", # the runs folder (one sub-folder per cell)
               workers: int = 1, # cells run side by side, each in its own process
@@ -485,7 +490,7 @@ def reproduce(grid, # a grid YAML path, or a Grid
         except RSLabError as e: print(f"no report: {e}")
     return 1 if failed or busy else 0
 
-# %% ../nbs/46_reproduce.ipynb #e8cb80a7
+# %% ../nbs/46_reproduce.ipynb #7b246829
 def _check_dataset(name: str, root) -> str | None:
     "Why `name` cannot be loaded here (None: it can, as far as files go)."
     from rs_prompt_lab.data.manifest import get_manifest, resolve_root, missing_message, _optional_files
@@ -519,7 +524,7 @@ def cell_needs(c: Cell) -> list:
             and v.startswith(_PATH_PREFIXES) and not Path(v.split(":", 1)[1]).exists()]
     return [x for x in out if x]
 
-# %% ../nbs/46_reproduce.ipynb #6087f3ef
+# %% ../nbs/46_reproduce.ipynb #88409cb9
 def _estimate(cells: list, out: Path, workers: int) -> str:
     "'~N min with W workers' from the grid's cell_minutes or this folder's finished cells (else an explanation)."
     done = {}
@@ -545,7 +550,7 @@ def dry_run_report(cells: list, out: Path, workers: int = 1, status: dict | None
     lines += ["missing on this machine:"] + [f"  {m}  [{len(v)} cell(s)]" for m, v in missing.items()] if missing else ["data and weights: found for every cell"]
     return "\n".join(lines), not missing
 
-# %% ../nbs/46_reproduce.ipynb #230d42fa
+# %% ../nbs/46_reproduce.ipynb #06620849
 RESULT_COLUMNS = ("experiment", "method", "dataset", "protocol", "seed", "metric", "value", "variant", "cell")
 
 def find_cells(folder) -> list:
@@ -576,6 +581,7 @@ def collect(folder) -> dict:
     rows = [r for c in cells if c["status"] == "finished" for r in load_json(c["dir"]/"result.json")["rows"]]
     return {"rows": rows, "cells": cells}
 
+# %% ../nbs/46_reproduce.ipynb #f7ae552c
 def write_results(rows: list, folder) -> list:
     "results.csv (and results.parquet if pyarrow is importable) in `folder`; the notes to print."
     folder = Path(folder); buf = io.StringIO()
@@ -587,7 +593,7 @@ def write_results(rows: list, folder) -> list:
     with atomic_path(folder/"results.parquet") as t: pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in RESULT_COLUMNS} for r in rows]), str(t))
     return [f"{folder/'results.csv'} and results.parquet ({len(rows)} rows)"]
 
-# %% ../nbs/46_reproduce.ipynb #e4fe48fb
+# %% ../nbs/46_reproduce.ipynb #8cb7274e
 def _headline() -> dict:
     "runner.HEADLINE (imported when a report is built: a cell's process never pays for torch)."
     from rs_prompt_lab.runner import HEADLINE
@@ -615,7 +621,7 @@ def _metric_order(labels: dict) -> list:
 
 def _scale(vals) -> float: return 100.0 if all(abs(v) <= 1 for v in vals) else 1.0   # fractions (kappa may dip below 0) in %
 
-# %% ../nbs/46_reproduce.ipynb #85f841af
+# %% ../nbs/46_reproduce.ipynb #e3934ea7
 def _summary_table(labels: dict, keys: list) -> list:
     "Rows [label, seeds, 'mean ± std' per key] (fractions in %)."
     from rs_prompt_lab.metrics import aggregate_seeds, format_mean_std
@@ -650,7 +656,7 @@ def _reference_label(labels: dict, ref: str | None) -> str | None:
     cands = sorted(l for l in labels if l == ref or l.split(" [")[0] == ref or l.endswith(f":{ref}"))
     return cands[0] if cands else None
 
-# %% ../nbs/46_reproduce.ipynb #06620849
+# %% ../nbs/46_reproduce.ipynb #9263a770
 def _bar_png(labels: dict, keys: list, title: str) -> bytes:
     "A grouped bar chart (mean with std error bars) of up to 3 metrics per method, as PNG bytes."
     from matplotlib.figure import Figure
@@ -683,7 +689,7 @@ def _pictures(cells: list, names=("classmap*.png", "curve*.png")) -> list:
                 seen.add(run); out.append((f"{run.parent.name} {run.name}: {p.stem}", p))
     return out
 
-# %% ../nbs/46_reproduce.ipynb #f7ae552c
+# %% ../nbs/46_reproduce.ipynb #2a64d2e9
 def report_blocks(folder, reference: str | None = None, confidence: float = 0.95, col: dict | None = None) -> list:
     "The report as blocks: ('h', level, text), ('p', text), ('table', header, rows), ('img', caption, png bytes)."
     col, H = col or collect(folder), _headline()
@@ -716,7 +722,7 @@ def report_blocks(folder, reference: str | None = None, confidence: float = 0.95
               ("table", ["cell", "status", "error"], [[c["name"], c["status"], c["error"] or ("(started, no result: interrupted or running)" if c["status"] == "interrupted" else "(never started)")] for c in bad])]
     return B
 
-# %% ../nbs/46_reproduce.ipynb #e6ce4873
+# %% ../nbs/46_reproduce.ipynb #904e211a
 def _esc(s) -> str: return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 def render_markdown(blocks: list, fig_dir: Path, rel: str) -> str:
@@ -747,7 +753,7 @@ def render_html(blocks: list, title: str = "report") -> str:
             out.append(f"<figure><img alt='{_esc(b[1])}' src='data:image/png;base64,{base64.b64encode(b[2]).decode()}'><figcaption>{_esc(b[1])}</figcaption></figure>")
     return "\n".join(out + ["</body></html>"])
 
-# %% ../nbs/46_reproduce.ipynb #851237e2
+# %% ../nbs/46_reproduce.ipynb #8c0f9fe7
 def build_report(folder, reference: str | None = None, confidence: float = 0.95) -> dict:
     "Write results.csv (+ parquet), report.md (+ report_files/) and a self-contained report.html in `folder`; their paths and notes."
     folder = Path(folder)
@@ -774,7 +780,7 @@ def _report_text(folder, reference: str | None = None, confidence: float = 0.95)
             out += ["  " + "  ".join(f"{str(x[i]):<{w[i]}}" for i in range(len(x))) for x in rows]
     return "\n".join(out)
 
-# %% ../nbs/46_reproduce.ipynb #2a64d2e9
+# %% ../nbs/46_reproduce.ipynb #9c72e2db
 def _opts(kv: list) -> dict:
     import yaml
     out = {}
@@ -809,6 +815,7 @@ def configure_cli(parser, group: str):
     parser.set_defaults(func=lambda a: reproduce(a.grid, a.out or f"runs/{Path(a.grid).stem}", a.workers, a.resume, a.shard, a.dry_run, a.executor,
                                                  _opts(a.executor_opt), a.reference, not a.no_progress))
 
+# %% ../nbs/46_reproduce.ipynb #05fd31cf
 def _cli_run(a) -> int:
     import yaml
     params = {}
