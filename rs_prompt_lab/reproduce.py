@@ -437,7 +437,7 @@ def _run_cells(cds: list, workers: int, progress: bool) -> dict:
     "Run prepared cells, `workers` child processes at a time; {cell dir: status}."
     from tqdm.auto import tqdm
     env, res = _child_env(workers), {}
-    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool, tqdm(total=len(cds), desc="cells", unit="cell", disable=not progress) as bar:
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool, tqdm(total=len(cds), desc="cells", unit="cell", disable=not progress or not cds) as bar:
         futs = {pool.submit(launch_cell, cd, env): cd for cd in cds}
         for f in as_completed(futs):
             cd = futs[f]
