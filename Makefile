@@ -18,7 +18,7 @@ export JUPYTER_CONFIG_DIR := $(HERMETIC)/jupyter_config
 export JUPYTER_DATA_DIR := $(HERMETIC)/jupyter_data
 export JUPYTER_RUNTIME_DIR := $(HERMETIC)/jupyter_runtime
 
-.PHONY: install test nbtest pytest demo export clean-nbs check-clean bench
+.PHONY: install test nbtest pytest demo inventory export clean-nbs check-clean bench
 
 install: $(STAMP)
 
@@ -41,8 +41,14 @@ pytest: install
 	@mkdir -p $(HERMETIC)
 	$(BIN)/python -m pytest -q
 
+# The main job: every family on the embedded default (nbs/experiments/grids/quick.yaml), 2 cells side by side; resumable
+# (a second `make demo` only runs what is missing). Ends with the report's path and a short table. `make inventory`:
+# the built-in manifests and the data found under ../shared/data (the old `rs-lab demo`).
 demo: install
 	@mkdir -p $(HERMETIC)
+	$(BIN)/rs-lab reproduce nbs/experiments/grids/quick.yaml --workers 2 --resume --out runs/demo
+
+inventory: install
 	$(BIN)/rs-lab demo $(if $(DEMO_ROOT),--root $(DEMO_ROOT),)
 
 export: install

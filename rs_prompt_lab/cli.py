@@ -21,7 +21,10 @@ GROUPS = {  # group -> (module that implements configure_cli, one-line help)
     "train": ("rs_prompt_lab.train_cli", "train a method on a dataset (writes config, metrics, checkpoints)"),
     "classmap": ("rs_prompt_lab.train_cli", "whole-scene class map of a trained run"),
     "results": ("rs_prompt_lab.runner", "tables and paired per-seed differences (with CIs) of the runs below a folder"),
-    "demo": ("rs_prompt_lab.cli", "the main job: built-in manifests and data found under --root"),
+    "reproduce": ("rs_prompt_lab.reproduce", "the main job: run a grid of experiment notebooks x seeds (resumable, sharded), then the report"),
+    "run": ("rs_prompt_lab.reproduce", "run one experiment notebook as one cell: rs-lab run NOTEBOOK -p KEY VALUE ..."),
+    "report": ("rs_prompt_lab.reproduce", "results table and report (markdown + self-contained HTML) of any runs folder"),
+    "demo": ("rs_prompt_lab.cli", "inventory: built-in manifests and data found under --root (make demo runs the quick grid)"),
 }
 
 def _usage() -> str:
