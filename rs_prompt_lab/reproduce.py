@@ -706,6 +706,9 @@ def report_blocks(folder, reference: str | None = None, confidence: float = 0.95
     ref_of, grefs = {c["name"]: c["reference"] for c in cells}, {}
     for r in rows: grefs.setdefault((r["dataset"], r["protocol"]), []).append(ref_of.get(r["cell"]))
     for (ds, proto), labels in sorted(_groups(rows).items()):
+        if proto == "alignment":   # one row per alpha / student / composite baseline, as rs-lab results prints it
+            from rs_prompt_lab.align.protocol import compact_labels
+            labels = compact_labels(labels)
         keys = _metric_order(labels)
         refs = [x for x in grefs[(ds, proto)] if x]   # the grid's reference of the cells in this group
         ref = _reference_label(labels, reference or (max(set(refs), key=refs.count) if refs else None))

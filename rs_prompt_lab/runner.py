@@ -179,7 +179,8 @@ def configure_cli(parser, group: str):
     parser.set_defaults(func=_cli_results)
 
 HEADLINE = {"oa": "OA", "aa": "AA", "kappa": "kappa x100", "acc": "accuracy", "base": "Base", "new": "New", "h": "H",
-            "source": "source", "target_mean": "target mean"}   # headline metric -> column label, in table order
+            "source": "source", "target_mean": "target mean", "target": "target (RGB)", "new_target": "target (new modality)",
+            "supported": "supported"}   # headline metric -> column label, in table order
 
 def headline_keys(group: list) -> tuple:
     "(keys, labels) of the headline metrics any summary of `group` has: HEADLINE's order, then per-target ones ('target:NAME')."

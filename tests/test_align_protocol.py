@@ -125,7 +125,8 @@ def test_alignment_experiment_notebook_runs(tmp_path, repo_root, monkeypatch):
     out = tmp_path / "runs"
     nb = pm.execute_notebook(str(repo_root / "nbs/experiments/03_alignment.ipynb"), str(tmp_path / "out.ipynb"),
                              parameters=dict(DATASET_PARAMS=SMALL, SUPPORTED="synthetic-scenes:domain=aerial-rgb,n_per_class=5",
-                                             STUDENTS=["s2"], SEEDS=[0], DEVICE="cpu", OUT_DIR=str(out), QUICK=True),
+                                             STUDENTS=["s2"], SEEDS=[0], DEVICE="cpu", OUT_DIR=str(out), QUICK=True,
+                                             PAINT_STEPS=3, ALIGN_STEPS=3),   # stage-2 settings on the paint run: stage 1 still reused
                              kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     m = load_json(next((out / "03_align").iterdir()) / "metrics.json")

@@ -21,12 +21,12 @@ from .student import (AlignModel, PairCollate, SensorStudent, evaluate_alignment
                                          cross_modal_retrieval, s1_stack, s2_stack, s2_rgb_composite, RECALL_KS)
 
 # %% auto #0
-__all__ = ['STAGES', 'PAIRS_PARAMS', 'STUDENT_ARCHS', 'log', 'AlignExpCfg', 'paint_cfg', 'load_pairs', 'pair_collate',
-           'PairItems', 'pair_loader', 'splits_of', 'composite', 'tower_embed', 'head_score', 'alpha_key',
-           'supported_sets', 'score_alphas', 'select_alpha', 'load_theta_ft', 'run_paint_seed', 'linear_probe',
-           'clip_baseline', 'teacher_alpha_of', 'build_student', 'run_align_seed', 'load_data', 'summarize_align',
-           'run_align_experiment', 'format_align_summary', 'alignment_table', 'alpha_differences', 'PaintOptions',
-           'StudentOptions', 'build_paint', 'build_align']
+__all__ = ['STAGES', 'PAIRS_PARAMS', 'STUDENT_ARCHS', 'log', 'COMPACT_KEYS', 'AlignExpCfg', 'paint_cfg', 'load_pairs',
+           'pair_collate', 'PairItems', 'pair_loader', 'splits_of', 'composite', 'tower_embed', 'head_score',
+           'alpha_key', 'supported_sets', 'score_alphas', 'select_alpha', 'load_theta_ft', 'run_paint_seed',
+           'linear_probe', 'clip_baseline', 'teacher_alpha_of', 'build_student', 'run_align_seed', 'load_data',
+           'summarize_align', 'run_align_experiment', 'format_align_summary', 'alignment_table', 'alpha_differences',
+           'compact_labels', 'PaintOptions', 'StudentOptions', 'build_paint', 'build_align']
 
 # %% ../../nbs/82_align.protocol.ipynb #72b009fe
 STAGES = ("paint", "align")
@@ -105,7 +105,7 @@ def check(self: AlignExpCfg) -> AlignExpCfg:
     get_device(self.device)
     return self
 
-# %% ../../nbs/82_align.protocol.ipynb #18d115cd
+# %% ../../nbs/82_align.protocol.ipynb #4b5d5c0c
 def _dataset_name(self: AlignExpCfg) -> str:
     if self.dataset != "synthetic-pairs": return slug(Path(self.dataset).stem if str(self.dataset).endswith((".yaml", ".yml")) else self.dataset)
     p = {**PAIRS_PARAMS, **self.dataset_params}
@@ -115,7 +115,7 @@ AlignExpCfg.dataset_name = property(_dataset_name)
 def paint_cfg(cfg: AlignExpCfg) -> AlignExpCfg:
     "The stage-1 configuration of `cfg`: method 'paint', stage-2 settings at their defaults."
     d = AlignExpCfg()
-    return cfg.replace(method="paint", name=None, **{k: getattr(d, k) for k in _ALIGN_ONLY})
+    return cfg.replace(method="paint", name=cfg.name if cfg.method == "paint" else None, **{k: getattr(d, k) for k in _ALIGN_ONLY})
 
 def _stage_fields(cfg: AlignExpCfg) -> dict:
     keep = ("dataset", "dataset_params", "bigearthnet_classes", "supported", "backbone", "templates", "amp", "quick", *_PAINT_ONLY)
@@ -423,7 +423,7 @@ def run_align_seed(cfg: AlignExpCfg, seed: int, data: dict, clip) -> dict:
     save_json(m, rd/"metrics.json")
     return m
 
-# %% ../../nbs/82_align.protocol.ipynb #7a19916f
+# %% ../../nbs/82_align.protocol.ipynb #72241bcf
 def load_data(cfg: AlignExpCfg) -> dict:
     "{'pairs' (the student's modality), 'paint_pairs' (RGB + the gap modality), 'supported'} of a configuration."
     from rs_prompt_lab.scene.protocol import load_images, parse_target
@@ -455,6 +455,7 @@ def run_align_experiment(cfg: AlignExpCfg, data: dict | None = None) -> dict:
     "Run every unfinished seed of `cfg` (stage 1 first for a patched teacher), then write and return the summary."
     from rs_prompt_lab.backbones import load_backbone
     cfg = cfg.check()
+    if cfg.method == "paint": cfg = paint_cfg(cfg)   # stage-2 settings never reach a stage-1 folder (an align run reuses it)
     data = data or load_data(cfg)
     clip = load_backbone(cfg.backbone)[0].eval()
     if cfg.method == "align" and cfg.teacher_alpha != 0:
@@ -553,7 +554,30 @@ def alpha_differences(summary: dict, keys: Sequence[str] = ("target", "supported
         out[int(a[1:]) / 100] = {k: paired_difference(m[f"{a}:{k}"]["values"], m[f"{alphas[0]}:{k}"]["values"], confidence=confidence) for k in keys}
     return out
 
-# %% ../../nbs/82_align.protocol.ipynb #a9b2c4ba
+# %% ../../nbs/82_align.protocol.ipynb #48ddb285
+COMPACT_KEYS = ("target", "new_target", "supported", "rgb_to_new_R@1", "rgb_to_new_R@10", "new_to_rgb_R@1", "new_to_rgb_R@10")
+
+def compact_labels(labels: dict) -> dict:
+    "{'CLIP α=0' | 'patched α=a' | '<mod> student' | 'CLIP on <mod> composite': {seed: {COMPACT_KEYS...}}} from paint / align-<mod> per-seed metrics."
+    out = {}
+    def put(lab, seed, src: dict, keys: dict):
+        row = {k: src[v] for k, v in keys.items() if v in src}
+        if row: out.setdefault(lab, {})[seed] = row
+    for lab, runs in labels.items():
+        for seed, m in runs.items():
+            if lab.split(" ")[0] == "paint":
+                for a in sorted({k.split(":")[0] for k in m if ":" in k and k.startswith("a")}):
+                    name = "CLIP α=0" if a == "a000" else f"patched α={int(a[1:]) / 100:g}"
+                    put(name, seed, m, {"target": f"{a}:target", "new_target": f"{a}:target_new", "supported": f"{a}:supported",
+                                        **{k: f"{a}:{k}" for k in COMPACT_KEYS[3:]}})
+            elif lab.startswith("align-"):
+                mod = lab.split(" ")[0].split("-", 1)[1]
+                put(f"{mod} student", seed, m, {"target": "teacher_target", "new_target": "target", **{k: k for k in COMPACT_KEYS[3:]}})
+                put(f"CLIP on the {mod} composite", seed, m, {"target": "clip_target", "new_target": "clip_new_target", **{k: f"clip_{k}" for k in COMPACT_KEYS[3:]}})
+            else: out[lab] = runs
+    return out
+
+# %% ../../nbs/82_align.protocol.ipynb #ee8066e0
 @dataclass
 class PaintOptions(Cfg):
     "Options of the PAINT model."
