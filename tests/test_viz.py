@@ -205,47 +205,65 @@ def _variance(png: bytes) -> float:
     return float(np.asarray(Image.open(BytesIO(png)).convert("L"), float).var())
 
 
+KERNEL = "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel"
+
+
+def _wait_idle(page, seconds: float):
+    "Poll until the notebook's kernel is idle (after having been busy at least once), or fail after `seconds`."
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        if page.evaluate(f"{KERNEL}.status") == "idle": return
+        page.wait_for_timeout(500)
+    pytest.fail(f"the kernel was still busy after {seconds:.0f} s")
+
+
 @pytest.mark.browser
 def test_inspector_in_jupyterlab(inspector_run, tmp_path, monkeypatch, repo_root):
+    "Open the inspector (loading the tutorial's run) in JupyterLab, run all, check it rendered, pick another pixel, check the view changed."
     _need_browser()
     import papermill as pm
     from playwright.sync_api import sync_playwright
-    runs = inspector_run[0] / "runs"
-    rd = next(runs.glob("tutorial_inspector/*/*/seed0"))
+    rd = next((inspector_run[0] / "runs").glob("tutorial_inspector/*/*/seed0"))
     work = tmp_path / "lab"; work.mkdir()
     pm.execute_notebook(str(repo_root / "nbs/tutorials/cfipt_inspector.ipynb"), str(work / "inspector.ipynb"), prepare_only=True,
                         parameters=dict(RUN_DIR=str(rd), N_PER_CLASS=1, EXPORT=False, OUT_DIR=str(tmp_path / "o")))
     hermetic_env(tmp_path, monkeypatch)
     art = repo_root / "runs" / "browser_screenshots"; art.mkdir(parents=True, exist_ok=True)   # git-ignored artefacts
     port, token = _free_port(), "rs-lab-test"
+    log = open(tmp_path / "lab.log", "w")
     lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--allow-root",
                             f"--IdentityProvider.token={token}", "--LabApp.expose_app_in_browser=True", f"--ServerApp.root_dir={work}"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+                           stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     try:
+        for _ in range(60):                                                    # the server answers within a few seconds
+            try: socket.create_connection(("127.0.0.1", port), timeout=1).close(); break
+            except OSError: time.sleep(0.5)
         with sync_playwright() as p:
-            b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-            page = b.new_page(viewport={"width": 1400, "height": 1000})
-            for _ in range(60):
-                try: page.goto(f"http://127.0.0.1:{port}/lab/tree/inspector.ipynb?token={token}", timeout=5000); break
-                except Exception: time.sleep(1)
-            page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget && window.jupyterapp.shell.currentWidget.sessionContext"
-                                   " && window.jupyterapp.shell.currentWidget.sessionContext.session", timeout=60000)
-            page.wait_for_function("window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'", timeout=60000)
-            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            sel = page.locator(".widget-dropdown select").first
-            sel.wait_for(timeout=120000)
-            page.wait_for_function("window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'", timeout=120000)
-            page.wait_for_timeout(2000)
-            dash = page.locator(".widget-vbox").first
-            dash.scroll_into_view_if_needed()
-            before = dash.screenshot(); (art / "inspector_before.png").write_bytes(before)
-            assert _variance(before) > 100, "the dashboard area is blank"
-            errs = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'] .ansi-red-fg, .jp-RenderedText[data-mime-type='application/vnd.jupyter.error']")
-            assert errs.count() == 0, errs.first.inner_text()[:300]
-            sel.select_option(index=len(sel.locator("option").all()) - 1)    # the last pixel instead of the first class
-            page.wait_for_timeout(3000)
-            after = dash.screenshot(); (art / "inspector_after.png").write_bytes(after)
-            assert before != after and _variance(after) > 100
-            b.close()
+            b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"], timeout=60000)
+            try:
+                page = b.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(f"http://127.0.0.1:{port}/lab/tree/inspector.ipynb?token={token}", timeout=60000)
+                page.wait_for_function(f"window.jupyterapp && window.jupyterapp.shell.currentWidget && window.jupyterapp.shell.currentWidget.sessionContext"
+                                       f" && window.jupyterapp.shell.currentWidget.sessionContext.session && {KERNEL} && {KERNEL}.connectionStatus === 'connected'",
+                                       timeout=90000)
+                ok = page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")   # resolves when every cell ran
+                _wait_idle(page, 180)
+                errors = [t for t in page.locator(".jp-OutputArea-output").all_inner_texts() if "Traceback" in t or "Error" in t[:200]]
+                assert ok and not errors, errors[0][-800:] if errors else "run-all reported a failure"
+                sel = page.locator(".widget-dropdown select").first
+                sel.wait_for(timeout=30000)
+                page.wait_for_timeout(2500)                                            # bokeh draws after the widget appears
+                dash = page.locator(".widget-vbox").first
+                dash.scroll_into_view_if_needed()
+                before = dash.screenshot(); (art / "inspector_before.png").write_bytes(before)
+                assert _variance(before) > 100, "the dashboard area is blank"
+                sel.select_option(index=sel.locator("option").count() - 1)             # the last pixel instead of the first class
+                _wait_idle(page, 60); page.wait_for_timeout(2500)
+                after = dash.screenshot(); (art / "inspector_after.png").write_bytes(after)
+                assert _variance(after) > 100 and before != after, "choosing another pixel did not change the dashboard"
+            finally: b.close()
     finally:
-        lab.terminate(); lab.wait(timeout=30)
+        lab.terminate()
+        try: lab.wait(timeout=30)
+        except subprocess.TimeoutExpired: lab.kill()
+        log.close()

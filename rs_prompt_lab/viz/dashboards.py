@@ -57,7 +57,7 @@ def _choice(data: dict, what) -> dict:
         k = data["class_names"].index(what)
         rows = np.flatnonzero(data["labels"] == k)
         if not len(rows): raise DataError(f"no inspected pixel of class {what!r}; inspect more pixels per class")
-        return {"sel": {"cls": what}, "sample": int(rows[0]), "rows": rows, "what": f"class {what} ({len(rows)} pixels)"}
+        return {"sel": {"cls": what}, "sample": int(rows[0]), "rows": rows, "what": f"class {what} ({len(rows)} pixel{'s' if len(rows) > 1 else ''})"}
     i = int(what)
     if not 0 <= i < len(data["rc"]): raise DataError(f"pixel {what} is out of range; pick 0..{len(data['rc']) - 1} or a class name")
     return {"sel": {"pixel": i}, "sample": i, "rows": np.array([i]), "what": f"pixel {i} at {tuple(int(v) for v in data['rc'][i])}"}
@@ -73,18 +73,22 @@ def inspector_view(data: dict, scene: Scene, what=0, # pixel index or class name
     kw = dict(labels=lab, class_names=names, **c["sel"])
     probs = data["probs"][c["rows"]].mean(0)
     sp = pixel_spectrum(scene, *data["rc"][i])
+    small = dict(backend="bokeh", fontsize={"title": "9pt"})
     panels = [spectrum_hv(sp, names[int(data["pred"][i])], width=width + 60, height=240),
               heat_hv(spectral_prompt(data["p_sp"], data["wavelengths"], **kw), width=width + 40, height=width),
               heat_hv(centre_gate(data["p_sa"], **kw), cmap="magma", width=width, height=width - 40),
               hv.Bars(list(zip(names, 100 * probs)), "class", "probability (%)").opts(
-                  backend="bokeh", width=width + 60, height=240, xrotation=60, tools=["hover"], title=f"prediction, {c['what']}")]
+                  backend="bokeh", width=width + 60, height=260, xrotation=60, tools=["hover"], title=f"prediction, {c['what']}")]
     if data.get("attn"):
         layer = max(data["attn"]["attn"]) if layer is None else layer
         panels.append(heat_hv(token_attention(data["attn"], layer, query, head, i), cmap="cividis", width=width, height=width - 40))
-    gtm = class_map_hv(class_map_data(scene.labels, scene.class_names, max_pixels=60_000), width=width, tools=("hover",)).values()[0]
+    H, W = scene.shape
+    gtm = class_map_hv(class_map_data(scene.labels, scene.class_names, max_pixels=60_000), tools=("hover",)).values()[0]
+    gtm = gtm.opts(backend="bokeh", colorbar=False, width=width + 40, height=max(120, int((width + 40) * H / W)))
     r, col = data["rc"][c["rows"]].T
-    panels.append((gtm * hv.Points((col + 0.5, r + 0.5)).opts(backend="bokeh", color="white", line_color="black", size=9, marker="x")).opts(title="where: ground truth"))
-    return hv.Layout(panels).cols(3)
+    mark = hv.Points((col + 0.5, r + 0.5)).opts(backend="bokeh", color="white", line_color="black", line_width=2, size=14, marker="circle_x")
+    panels.append((gtm * mark).opts(backend="bokeh", title="where: ground truth"))
+    return hv.Layout([p.opts(**small) for p in panels]).cols(3)
 
 # %% ../../nbs/55_viz.dashboards.ipynb #ae26b753
 def inspector_dashboard(data: dict, scene: Scene, width: int = 300):
@@ -97,13 +101,13 @@ def inspector_dashboard(data: dict, scene: Scene, width: int = 300):
     layers = sorted(A["attn"]) if A else [0]
     heads = A["attn"][layers[0]].shape[1] if A else 1
     w = dict(what=W.Dropdown(options=opts, description="show"), layer=W.Dropdown(options=layers, value=layers[-1], description="layer"),
-             head=W.Dropdown(options=[("mean", None)] + [(str(h), h) for h in range(heads)], description="head"),
+             head=W.Dropdown(options=[("mean of heads", -1)] + [(str(h), h) for h in range(heads)], value=-1, description="head"),
              query=W.Dropdown(options=[("class token", "cls")] + [(f"prompt {p}", p) for p in range(A["n_prompts"] if A else 0)], description="query"))
     out = W.Output()
     box = W.VBox([W.HBox([w["what"], w["layer"]]), W.HBox([w["head"], w["query"]]), out])
     box.controls = w   # for tests and scripts: box.controls['what'].value = 'road'
     def render(*_):
-        box.view = inspector_view(data, scene, w["what"].value, w["layer"].value, w["head"].value, w["query"].value, width)
+        box.view = inspector_view(data, scene, w["what"].value, w["layer"].value, None if w["head"].value < 0 else w["head"].value, w["query"].value, width)
         out.clear_output(wait=True)
         with out: display(box.view)
     for x in w.values(): x.observe(render, names="value")
