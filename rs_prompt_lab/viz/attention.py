@@ -94,7 +94,7 @@ def centre_gate(p_sa, labels=None, class_names=None, pixel: int | None = None, c
     rows, what = pick(len(a), labels, class_names, pixel, cls)
     off = np.arange(p) - p // 2
     return Heat(a[rows, (p * p) // 2].mean(0).reshape(p, p), off, off, "column offset (px)", "row offset (px)",
-                f"P_sa row of the centre pixel, {what}", "gate")
+                f"P_sa into the centre pixel, {what}", "gate")
 
 # %% ../../nbs/51_viz.attention.ipynb #2ba103b2
 def inspect_batch(model: torch.nn.Module, # forward(batch) -> MethodOutput (or logits)

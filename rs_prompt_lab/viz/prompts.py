@@ -94,7 +94,7 @@ def prompt_drift(init: Mapping[str, np.ndarray], # prompt_vectors at initialisat
     return rows
 
 # %% ../../nbs/52_viz.prompts.ipynb #d5f71fde
-def projection_figure(pr: dict, annotate: Sequence[str] = ("class words",), size: float = 4.0):
+def projection_figure(pr: dict, annotate: Sequence[str] = ("class words",), size: float = 3.2):
     "A matplotlib scatter of `project`'s result, one colour per group; points of `annotate` groups labelled."
     from matplotlib.figure import Figure
     fig = Figure(figsize=(size * 1.25, size), layout="constrained"); ax = fig.add_subplot(111)
