@@ -138,6 +138,8 @@ def test_run_views_from_a_runner_folder(tmp_path):
 
 # (d) tutorials top to bottom -------------------------------------------------------------------------------------------------
 
+CELL_TIMEOUT = 240   # seconds per cell: a stuck cell fails the test with its name instead of hanging the suite
+
 @pytest.fixture(scope="module")
 def inspector_run(tmp_path_factory):
     "The CF-IPT inspector tutorial executed by papermill with quick parameters (trains a 1-epoch CF-IPT)."
@@ -148,7 +150,7 @@ def inspector_run(tmp_path_factory):
     try:
         nb = pm.execute_notebook(str(HERE.parent / "nbs/tutorials/cfipt_inspector.ipynb"), str(tmp / "out.ipynb"),
                                  parameters=dict(QUICK=True, N_PER_CLASS=1, MAX_TEST_PIXELS=150, OUT_DIR=str(tmp / "runs")),
-                                 kernel_name="python3", progress_bar=False, cwd=str(tmp))
+                                 kernel_name="python3", progress_bar=False, cwd=str(tmp), execution_timeout=CELL_TIMEOUT)
     finally: mp.undo()
     return tmp, nb, time.time() - t0
 
@@ -172,7 +174,7 @@ def test_run_browser_tutorial_runs(inspector_run, tmp_path, monkeypatch):
     hermetic_env(tmp_path, monkeypatch)
     nb = pm.execute_notebook(str(HERE.parent / "nbs/tutorials/run_browser.ipynb"), str(tmp_path / "out.ipynb"),
                              parameters=dict(RUNS=str(runs), EXPORT=str(tmp_path / "report.html")), kernel_name="python3",
-                             progress_bar=False, cwd=str(tmp_path))
+                             progress_bar=False, cwd=str(tmp_path), execution_timeout=CELL_TIMEOUT)
     assert errors_of(nb) == []
     assert external_refs((tmp_path / "report.html").read_text()) == []
 
@@ -267,3 +269,26 @@ def test_inspector_in_jupyterlab(inspector_run, tmp_path, monkeypatch, repo_root
         try: lab.wait(timeout=30)
         except subprocess.TimeoutExpired: lab.kill()
         log.close()
+
+
+@pytest.mark.browser
+def test_static_export_renders_offline(inspector_run):
+    "The inspector's exported HTML opens in headless chromium with every network request refused, and draws something."
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+    html = inspector_run[0] / "runs" / "exports" / "cfipt_inspector.html"
+    asked = []
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"], timeout=60000)
+        try:
+            page = b.new_page(viewport={"width": 1300, "height": 900})
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(("file:", "data:", "blob:"))
+                       else (asked.append(route.request.url), route.abort()))
+            page.goto(html.as_uri(), timeout=60000)
+            page.wait_for_selector("canvas", timeout=60000, state="attached"); page.wait_for_timeout(2000)
+            shot = page.screenshot()
+            (Path(__file__).resolve().parents[1] / "runs" / "browser_screenshots").mkdir(parents=True, exist_ok=True)
+            (Path(__file__).resolve().parents[1] / "runs" / "browser_screenshots" / "export_offline.png").write_bytes(shot)
+        finally: b.close()
+    assert asked == [], f"the page tried to load {asked[:3]}"
+    assert _variance(shot) > 100, "the exported page is blank"

@@ -98,10 +98,23 @@ def downsample(a: np.ndarray, # (H, W) or (H, W, C) raster
 
 # %% ../../nbs/50_viz.core.ipynb #feaa95b1
 _EXTERNAL = re.compile(r"<(script|link|img|iframe)\b[^>]*?\b(src|href)\s*=\s*[\"'](https?:)?//[^\"']*[\"'][^>]*>", re.I)
+_REMOTE_URL = re.compile(r'\\?"url\\?"\s*:\s*\\?"(https?:)?//[^"\\]*', re.I)   # "url":"https://..." in the embedded bokeh document
 
 def external_refs(html: str) -> list:
-    "The `<script>`, `<link>`, `<img>`, `<iframe>` tags of `html` that load something from another host."
-    return [m.group(0) for m in _EXTERNAL.finditer(html)]
+    "What `html` would load from another host: `<script>`/`<link>`/`<img>`/`<iframe>` tags and bokeh model `url` attributes."
+    return [m.group(0) for m in _EXTERNAL.finditer(html)] + [m.group(0) for m in _REMOTE_URL.finditer(html)]
+
+_PANEL_CSS = re.compile(r'https?://cdn\.holoviz\.org/panel/[^/"]+/dist/([^"?\\]+)(\?v=[^"\\]*)?')
+
+def _inline_panel_css(page: str) -> str:
+    "Replace panel's CDN stylesheet URLs by data: URLs of the same files from the installed panel package."
+    import base64, panel
+    dist = Path(panel.__file__).parent/"dist"
+    def repl(m):
+        f = dist/m.group(1)
+        if not f.is_file(): raise DataError(f"the page needs {m.group(0)} but {f} is not in the installed panel; reinstall panel")
+        return "data:text/css;base64," + base64.b64encode(f.read_bytes()).decode()
+    return _PANEL_CSS.sub(repl, page)
 
 def _is_hv(obj) -> bool:
     return type(obj).__module__.startswith("holoviews") or hasattr(obj, "opts") and hasattr(obj, "kdims")
@@ -119,6 +132,7 @@ def save_html(obj, # a HoloViews object (element, layout, HoloMap)
         hv.save(obj, str(tmp), backend="bokeh", resources="inline", title=title)
         page = Path(tmp).read_text(encoding="utf-8")
         page = re.sub(r"<link\b[^>]*rel=\"(?:apple-touch-icon|icon)\"[^>]*href=\"https?://[^\"]*\"[^>]*>\s*", "", page)
+        page = _inline_panel_css(page)
         if external_refs(page): raise DataError(f"{path}: the page still loads {external_refs(page)[0][:120]}; report this with your HoloViews version")
         Path(tmp).write_text(page, encoding="utf-8")
     return path
