@@ -1,0 +1,294 @@
+"""viz builders against real objects (a CF-IPT on the rs-tiny architecture, a run folder written by the runner), the
+static export, the tutorials run top to bottom through papermill, and (marked `browser`) the dashboards in JupyterLab
+in headless chromium."""
+import os, shutil, socket, subprocess, sys, time
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rs_prompt_lab.core import ConfigError, DataError, load_json
+from rs_prompt_lab.data.scene import Scene, BandInfo
+from rs_prompt_lab.viz.core import Heat, downsample, external_refs, save_html, save_png
+from rs_prompt_lab.viz.attention import attention_maps, centre_gate, inspect_batch, spectral_prompt, token_attention
+from rs_prompt_lab.viz.maps import class_map_data, class_map_hv, pixel_spectrum
+from rs_prompt_lab.viz.prompts import prompt_drift, prompt_vectors, project
+from rs_prompt_lab.viz.runs import confusion_heat, curve_data, find_runs, load_run, per_class_table
+from rs_prompt_lab.viz.dashboards import inspect_pixels, inspector_view, pixels_per_class, run_view
+
+HERE = Path(__file__).resolve().parent
+
+
+def hermetic_env(tmp_path, monkeypatch):
+    "Jupyter / IPython / matplotlib state under tmp_path, offline, this checkout first on the path."
+    for v in ("JUPYTER_RUNTIME_DIR", "JUPYTER_DATA_DIR", "IPYTHONDIR", "MPLCONFIGDIR"):
+        (tmp_path / "home" / v.lower()).mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv(v, str(tmp_path / "home" / v.lower()))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1"); monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+
+
+def errors_of(nb) -> list:
+    return [f"{o['ename']}: {o['evalue']}" for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+
+
+# (a) attention builders on a real CF-IPT --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cfipt(clip, tiny_scene):
+    from rs_prompt_lab.cfipt.model import CFIPT
+    torch.manual_seed(0)
+    return CFIPT(clip, [tiny_scene.class_names[i] for i in sorted(tiny_scene.class_names)], {"hsi": 8, "lidar": 1}, 3,
+                 mfpg_width=16, coupler_width=16, depth=2)
+
+
+def test_inspector_data_matches_the_model(cfipt, tiny_scene):
+    rc = pixels_per_class(tiny_scene, tiny_scene.pixels("test"), n=3)
+    d = inspect_pixels(cfipt, tiny_scene, rc, 3)
+    K, M = 3, len(rc)
+    assert d["p_sp"].shape == (M, 8, 8) and d["p_sa"].shape == (M, 9, 9) and d["probs"].shape == (M, K)
+    # the class mean of P_sp is the mean over exactly that class's pixels, on the scene's wavelengths
+    h = spectral_prompt(d["p_sp"], d["wavelengths"], d["labels"], d["class_names"], cls="road")
+    assert np.allclose(h.values, d["p_sp"][d["labels"] == 1].mean(0)) and np.allclose(h.x, np.linspace(400, 1000, 8))
+    assert np.allclose(centre_gate(d["p_sa"], pixel=0).values.ravel(), d["p_sa"][0, 4])
+    # the attention of every query row sums to 1 over all keys (softmax): patches get what CLS and prompts do not
+    a = d["attn"]["attn"][1]
+    assert np.allclose(a.sum(-1), 1, atol=1e-5)
+    t = token_attention(d["attn"], 1, query="cls", head=None, sample=2)
+    assert np.isclose(t.values.sum(), a[2, :, 0, 1 + d["attn"]["n_prompts"]:].mean(0).sum())
+    with pytest.raises(DataError, match="unknown class 'Road'; classes: grass, road, water"):
+        spectral_prompt(d["p_sp"], labels=d["labels"], class_names=d["class_names"], cls="Road")
+    v = inspector_view(d, tiny_scene, "water")
+    assert len(v) == 6
+
+
+def test_prompt_drift_after_a_training_step(cfipt, tiny_scene):
+    from rs_prompt_lab.data.patches import PatchSampler
+    init = prompt_vectors(cfipt)
+    model = cfipt.train()
+    batch = next(iter(PatchSampler(tiny_scene, "train", 3, 16, to_torch=True)))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model.loss(model(batch), batch).backward(); opt.step(); opt.zero_grad()
+    rows = prompt_drift(init, prompt_vectors(model))
+    moved = {(r["param"], r["layer"]): r["shift"] for r in rows}
+    assert set(moved) == {("vision_prompts", 0), ("vision_prompts", 1), ("text_prompts", 0), ("text_prompts", 1)}
+    assert all(v > 0 for v in moved.values())
+    pr = project({"context": prompt_vectors(model)["text_prompts"][0], "more": np.random.default_rng(0).normal(size=(3, init["text_prompts"].shape[-1]))})
+    assert pr["xy"].shape == (len(init["text_prompts"][0]) + 3, 2)
+
+
+# (b) class maps and static export ----------------------------------------------------------------------------------------
+
+def test_big_class_map_is_downsampled_before_bokeh_and_exports_offline(tmp_path, tiny_scene):
+    H, W = 349, 1905
+    r, c = np.mgrid[:H, :W]
+    pred = 1 + (r // 9 + c // 13) % 3
+    gt = np.where((r + c) % 5 == 0, 0, pred); gt[:10] = 2
+    d = class_map_data(pred, {1: "grass", 2: "road", 3: "water"}, gt, max_pixels=50_000)
+    assert d["pred"].size <= 50_000 and d["stride"] == 4
+    lab = gt > 0
+    assert np.isclose(d["oa"], (pred[lab] == gt[lab]).mean())          # accuracy at full resolution, not on the thumbnail
+    lay = class_map_hv(d)
+    assert all(np.asarray(p.data).size <= 50_000 for p in lay.values())           # the arrays that reach bokeh
+    html = save_html(lay, tmp_path / "map.html")
+    page = html.read_text()
+    assert external_refs(page) == [] and "Bokeh" in page
+    assert html.stat().st_size < 20_000_000
+    assert save_png(lay, tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(DataError, match="outside the 12 x 10 scene"): pixel_spectrum(tiny_scene, 12, 0)
+
+
+# (c) run folders written by the runner -------------------------------------------------------------------------------------
+
+class StandIn(nn.Module):
+    "A linear layer on the centre pixel (the create_method interface), so the runner writes a real folder in seconds."
+    def __init__(self, class_names, bands):
+        super().__init__(); self.mods = list(bands); self.fc = nn.Linear(sum(bands.values()), len(class_names))
+    def forward(self, batch):
+        p = batch[self.mods[0]].shape[-1]
+        return self.fc(torch.cat([batch[m][:, :, p // 2, p // 2] for m in self.mods], 1))
+    def loss(self, logits, batch): return nn.functional.cross_entropy(logits, batch["label"])
+
+
+def test_run_views_from_a_runner_folder(tmp_path):
+    from rs_prompt_lab.experiment import PixelExpCfg, run_pixel_experiment
+    from rs_prompt_lab.methods import MethodEntry, register_method
+    register_method(MethodEntry("viz-standin", ("pixel",), lambda backbone, spec, cfg: StandIn(spec.class_names, spec.bands)), overwrite=True)
+    rng = np.random.default_rng(0)
+    lab = rng.integers(1, 4, (10, 12))
+    scene = Scene({"hsi": lab[..., None] * np.linspace(.5, 1.5, 6) + rng.normal(0, .3, (10, 12, 6))}, lab, {1: "grass", 2: "road", 3: "water"}, name="tiny2d")
+    cfg = PixelExpCfg(dataset="tiny2d", method="viz-standin", backbone="random:rs-tiny", shots=6, val_per_class=2, seeds=[0, 1], pool="all",
+                      patch_size=3, epochs=3, lr=0.05, batch_size=8, out_dir=tmp_path, progress=False)
+    run_pixel_experiment(cfg, scene)
+    runs = find_runs(tmp_path)
+    assert [p.name for p in runs] == ["seed0", "seed1"]
+    r = load_run(runs[0])
+    m = r["metrics"]
+    h = confusion_heat(m, r["class_names"], normalize=False)
+    assert h.ticks == ["grass", "road", "water"] and h.values.sum() == m["n"]
+    c = curve_data(r["history"])
+    assert c["epoch"] == [1, 2, 3] and {"train_loss", "val_oa"} <= set(c["series"])
+    t = per_class_table({"standin": [load_run(p)["metrics"] for p in runs]})
+    assert np.allclose(t["mean"][0], [np.mean([load_run(p)["metrics"]["per_class"][k] for p in runs]) for k in t["classes"]])
+    assert [type(p).__name__ for p in run_view(r).values()] == ["Table", "Overlay", "Overlay", "QuadMesh"]
+    (runs[1] / "metrics.json").unlink()
+    with pytest.raises(DataError, match="no metrics.json"): load_run(runs[1])
+
+
+# (d) tutorials top to bottom -------------------------------------------------------------------------------------------------
+
+CELL_TIMEOUT = 240   # seconds per cell: a stuck cell fails the test with its name instead of hanging the suite
+
+@pytest.fixture(scope="module")
+def inspector_run(tmp_path_factory):
+    "The CF-IPT inspector tutorial executed by papermill with quick parameters (trains a 1-epoch CF-IPT)."
+    import papermill as pm
+    tmp = tmp_path_factory.mktemp("inspector")
+    mp = pytest.MonkeyPatch(); hermetic_env(tmp, mp)
+    t0 = time.time()
+    try:
+        nb = pm.execute_notebook(str(HERE.parent / "nbs/tutorials/cfipt_inspector.ipynb"), str(tmp / "out.ipynb"),
+                                 parameters=dict(QUICK=True, N_PER_CLASS=1, MAX_TEST_PIXELS=150, OUT_DIR=str(tmp / "runs")),
+                                 kernel_name="python3", progress_bar=False, cwd=str(tmp), execution_timeout=CELL_TIMEOUT)
+    finally: mp.undo()
+    return tmp, nb, time.time() - t0
+
+
+@pytest.mark.tutorial
+def test_cfipt_inspector_tutorial_runs(inspector_run):
+    tmp, nb, seconds = inspector_run
+    assert errors_of(nb) == []
+    assert seconds < 300, f"the inspector took {seconds:.0f} s; tutorials must run in under 5 minutes"
+    html = tmp / "runs" / "exports" / "cfipt_inspector.html"
+    assert external_refs(html.read_text()) == [] and (tmp / "runs" / "exports" / "cfipt_psp.png").read_bytes()[:4] == b"\x89PNG"
+    widgets = [o for c in nb["cells"] for o in c.get("outputs", []) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(widgets) == 1                                            # the dashboard rendered as a widget
+    assert any("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))   # figures at the student steps
+
+
+@pytest.mark.tutorial
+def test_run_browser_tutorial_runs(inspector_run, tmp_path, monkeypatch):
+    import papermill as pm
+    runs = inspector_run[0] / "runs"
+    hermetic_env(tmp_path, monkeypatch)
+    nb = pm.execute_notebook(str(HERE.parent / "nbs/tutorials/run_browser.ipynb"), str(tmp_path / "out.ipynb"),
+                             parameters=dict(RUNS=str(runs), EXPORT=str(tmp_path / "report.html")), kernel_name="python3",
+                             progress_bar=False, cwd=str(tmp_path), execution_timeout=CELL_TIMEOUT)
+    assert errors_of(nb) == []
+    assert external_refs((tmp_path / "report.html").read_text()) == []
+
+
+# (e) in a real browser --------------------------------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _need_browser():
+    "Skip (outside CI) when chromium or playwright is missing; in CI the browser test must run."
+    missing = [n for n, ok in (("chromium (apt-get install -y chromium)", CHROMIUM), ("playwright (pip install playwright; never `playwright install`)", _has("playwright"))) if not ok]
+    if missing:
+        if os.environ.get("CI") == "true": pytest.fail(f"browser test needs {', '.join(missing)} in CI")
+        pytest.skip(f"browser test needs {', '.join(missing)}")
+
+
+def _has(mod: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(mod) is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+def _variance(png: bytes) -> float:
+    from io import BytesIO
+    from PIL import Image
+    return float(np.asarray(Image.open(BytesIO(png)).convert("L"), float).var())
+
+
+KERNEL = "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel"
+
+
+def _wait_idle(page, seconds: float):
+    "Poll until the notebook's kernel is idle (after having been busy at least once), or fail after `seconds`."
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        if page.evaluate(f"{KERNEL}.status") == "idle": return
+        page.wait_for_timeout(500)
+    pytest.fail(f"the kernel was still busy after {seconds:.0f} s")
+
+
+@pytest.mark.browser
+def test_inspector_in_jupyterlab(inspector_run, tmp_path, monkeypatch, repo_root):
+    "Open the inspector (loading the tutorial's run) in JupyterLab, run all, check it rendered, pick another pixel, check the view changed."
+    _need_browser()
+    import papermill as pm
+    from playwright.sync_api import sync_playwright
+    rd = next((inspector_run[0] / "runs").glob("tutorial_inspector/*/*/seed0"))
+    work = tmp_path / "lab"; work.mkdir()
+    pm.execute_notebook(str(repo_root / "nbs/tutorials/cfipt_inspector.ipynb"), str(work / "inspector.ipynb"), prepare_only=True,
+                        parameters=dict(RUN_DIR=str(rd), N_PER_CLASS=1, EXPORT=False, OUT_DIR=str(tmp_path / "o")))
+    hermetic_env(tmp_path, monkeypatch)
+    art = repo_root / "runs" / "browser_screenshots"; art.mkdir(parents=True, exist_ok=True)   # git-ignored artefacts
+    port, token = _free_port(), "rs-lab-test"
+    log = open(tmp_path / "lab.log", "w")
+    lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--allow-root",
+                            f"--IdentityProvider.token={token}", "--LabApp.expose_app_in_browser=True", f"--ServerApp.root_dir={work}"],
+                           stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    try:
+        for _ in range(60):                                                    # the server answers within a few seconds
+            try: socket.create_connection(("127.0.0.1", port), timeout=1).close(); break
+            except OSError: time.sleep(0.5)
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"], timeout=60000)
+            try:
+                page = b.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(f"http://127.0.0.1:{port}/lab/tree/inspector.ipynb?token={token}", timeout=60000)
+                page.wait_for_function(f"window.jupyterapp && window.jupyterapp.shell.currentWidget && window.jupyterapp.shell.currentWidget.sessionContext"
+                                       f" && window.jupyterapp.shell.currentWidget.sessionContext.session && {KERNEL} && {KERNEL}.connectionStatus === 'connected'",
+                                       timeout=90000)
+                ok = page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")   # resolves when every cell ran
+                _wait_idle(page, 180)
+                errors = [t for t in page.locator(".jp-OutputArea-output").all_inner_texts() if "Traceback" in t or "Error" in t[:200]]
+                assert ok and not errors, errors[0][-800:] if errors else "run-all reported a failure"
+                sel = page.locator(".widget-dropdown select").first
+                sel.wait_for(timeout=30000)
+                page.wait_for_timeout(2500)                                            # bokeh draws after the widget appears
+                dash = page.locator(".widget-vbox").first
+                dash.scroll_into_view_if_needed()
+                before = dash.screenshot(); (art / "inspector_before.png").write_bytes(before)
+                assert _variance(before) > 100, "the dashboard area is blank"
+                sel.select_option(index=sel.locator("option").count() - 1)             # the last pixel instead of the first class
+                _wait_idle(page, 60); page.wait_for_timeout(2500)
+                after = dash.screenshot(); (art / "inspector_after.png").write_bytes(after)
+                assert _variance(after) > 100 and before != after, "choosing another pixel did not change the dashboard"
+            finally: b.close()
+    finally:
+        lab.terminate()
+        try: lab.wait(timeout=30)
+        except subprocess.TimeoutExpired: lab.kill()
+        log.close()
+
+
+@pytest.mark.browser
+def test_static_export_renders_offline(inspector_run):
+    "The inspector's exported HTML opens in headless chromium with every network request refused, and draws something."
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+    html = inspector_run[0] / "runs" / "exports" / "cfipt_inspector.html"
+    asked = []
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"], timeout=60000)
+        try:
+            page = b.new_page(viewport={"width": 1300, "height": 900})
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(("file:", "data:", "blob:"))
+                       else (asked.append(route.request.url), route.abort()))
+            page.goto(html.as_uri(), timeout=60000)
+            page.wait_for_selector("canvas", timeout=60000, state="attached"); page.wait_for_timeout(2000)
+            shot = page.screenshot()
+            (Path(__file__).resolve().parents[1] / "runs" / "browser_screenshots").mkdir(parents=True, exist_ok=True)
+            (Path(__file__).resolve().parents[1] / "runs" / "browser_screenshots" / "export_offline.png").write_bytes(shot)
+        finally: b.close()
+    assert asked == [], f"the page tried to load {asked[:3]}"
+    assert _variance(shot) > 100, "the exported page is blank"
