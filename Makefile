@@ -18,7 +18,7 @@ export JUPYTER_CONFIG_DIR := $(HERMETIC)/jupyter_config
 export JUPYTER_DATA_DIR := $(HERMETIC)/jupyter_data
 export JUPYTER_RUNTIME_DIR := $(HERMETIC)/jupyter_runtime
 
-.PHONY: install test nbtest pytest demo inventory export clean-nbs check-clean bench
+.PHONY: install test nbtest pytest test-dashboards demo inventory export clean-nbs check-clean bench
 
 install: $(STAMP)
 
@@ -39,7 +39,13 @@ nbtest: install
 
 pytest: install
 	@mkdir -p $(HERMETIC)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not tutorial and not browser"
+
+# The dashboards (issue 11, open): tutorials through papermill and JupyterLab in headless chromium. Opt-in until the
+# inspector's intermittent papermill stall is understood; needs `apt-get install -y chromium` and `pip install playwright`.
+test-dashboards: install
+	@mkdir -p $(HERMETIC)
+	$(BIN)/python -m pytest -q -m "tutorial or browser" tests/test_viz.py
 
 # The main job: every family on the embedded default (nbs/experiments/grids/quick.yaml), 2 cells side by side; resumable
 # (a second `make demo` only runs what is missing). Ends with the report's path and a short table. `make inventory`:
