@@ -137,6 +137,12 @@ def save_html(obj, # a HoloViews object (element, layout, HoloMap)
         Path(tmp).write_text(page, encoding="utf-8")
     return path
 
+def _forget_foreign_repl_hook() -> None:
+    "HoloViews' matplotlib plots call plt.ioff(); when matplotlib's IPython display hook was installed by another shell in this process (a test runner reusing it across notebooks), that raises: forget the stale hook."
+    import matplotlib.pyplot as plt
+    try: plt.ioff()
+    except ValueError: plt._REPL_DISPLAYHOOK = plt._ReplDisplayHook.NONE   # matplotlib's own record of the hook; the other shell is gone
+
 def save_png(obj, # a matplotlib Figure or a HoloViews object
              path, # the .png file to write
              dpi: int = 110, # resolution (Figures)
@@ -148,6 +154,7 @@ def save_png(obj, # a matplotlib Figure or a HoloViews object
         if hasattr(obj, "savefig"): obj.savefig(tmp, format="png", dpi=dpi)
         elif _is_hv(obj):
             hv = hv_module()
+            _forget_foreign_repl_hook()
             hv.save(obj, str(tmp), backend="matplotlib", fmt="png")
         else: raise ConfigError(f"save_png takes a matplotlib Figure or a HoloViews object, got {type(obj).__name__}")
     return path
