@@ -292,3 +292,14 @@ def test_static_export_renders_offline(inspector_run):
         finally: b.close()
     assert asked == [], f"the page tried to load {asked[:3]}"
     assert _variance(shot) > 100, "the exported page is blank"
+
+
+def test_save_png_survives_a_display_hook_of_another_shell(tmp_path):
+    "nbdev_test workers run many notebooks in one process: a matplotlib REPL hook installed by an earlier shell must not break save_png."
+    from execnb.shell import CaptureShell
+    CaptureShell().run("import matplotlib.pyplot as plt; plt.ion()")          # the earlier notebook's shell installs the hook
+    b = CaptureShell()
+    b.run(f"import holoviews as hv, numpy as np\nfrom rs_prompt_lab.viz.core import save_png\n"
+          f"p = save_png(hv.Image(np.random.rand(4, 4)), {str(tmp_path / 'x.png')!r})")
+    assert b.exc is None, b.exc
+    assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
