@@ -58,6 +58,12 @@ def test_bad_input_is_one_line(tmp_path, capsys, args, msg):
     assert not (tmp_path / "runs" / "align").exists() or "s1" in args   # refused before any folder is written (s1: at load time, none either)
 
 
+def test_supported_task_has_its_own_folder():
+    from rs_prompt_lab.align.protocol import load_data
+    with pytest.raises(DataError, match="/nowhere/patternnet/images"):   # 'NAME:root=DIR', not the paired dataset's root
+        load_data(AlignExpCfg(supported="patternnet:root=/nowhere/patternnet", quick=True))
+
+
 # (b) an interrupted fine-tune resumes to the uninterrupted result -------------------------------------------------------
 
 def test_interrupted_paint_resumes_exactly(tmp_path, interrupt_once):

@@ -28,7 +28,7 @@ __all__ = ['STAGES', 'PAIRS_PARAMS', 'STUDENT_ARCHS', 'log', 'COMPACT_KEYS', 'Al
            'summarize_align', 'run_align_experiment', 'format_align_summary', 'alignment_table', 'alpha_differences',
            'compact_labels', 'PaintOptions', 'StudentOptions', 'build_paint', 'build_align']
 
-# %% ../../nbs/82_align.protocol.ipynb #72b009fe
+# %% ../../nbs/82_align.protocol.ipynb #9d90b573
 STAGES = ("paint", "align")
 PAIRS_PARAMS = {"n_per_class": 40, "size": 64, "domain": "sentinel-like", "seed": 0}   # synthetic-pairs defaults
 STUDENT_ARCHS = {"tiny": dict(patch_size=8, embed_dim=192, depth=4, num_heads=3)}   # named timm VisionTransformer settings
@@ -44,7 +44,7 @@ class AlignExpCfg(Cfg):
     root: str | None = None                  # dataset folder (file-based datasets)
     dataset_params: dict = field(default_factory=dict)  # synthetic-pairs overrides of PAIRS_PARAMS (n_per_class, size, domain, seed)
     bigearthnet_classes: int = 19            # BigEarthNet labels: 19 (the nomenclature the paper scores) or 43 (CLC level 3)
-    supported: str = "synthetic-scenes:domain=aerial-rgb,n_per_class=20"  # supported task 'NAME[:key=value,...]': scene classification the zero-shot model already does well
+    supported: str = "synthetic-scenes:domain=aerial-rgb,n_per_class=20"  # supported task 'NAME[:key=value,...]' (root=DIR: its folder): scene classification the zero-shot model already does well
     backbone: str = "rs-tiny"                # backbones.load_backbone name
     templates: str = "rs"                    # zero-shot head templates: a zeroshot.TEMPLATE_SETS key
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # one run per seed (training order and initialisation; the data is fixed)
@@ -423,7 +423,7 @@ def run_align_seed(cfg: AlignExpCfg, seed: int, data: dict, clip) -> dict:
     save_json(m, rd/"metrics.json")
     return m
 
-# %% ../../nbs/82_align.protocol.ipynb #72241bcf
+# %% ../../nbs/82_align.protocol.ipynb #ed929860
 def load_data(cfg: AlignExpCfg) -> dict:
     "{'pairs' (the student's modality), 'paint_pairs' (RGB + the gap modality), 'supported'} of a configuration."
     from rs_prompt_lab.scene.protocol import load_images, parse_target
@@ -433,8 +433,9 @@ def load_data(cfg: AlignExpCfg) -> dict:
     if cfg.method == "paint" or cfg.teacher_alpha != 0:
         out["paint_pairs"] = out["pairs"] if "pairs" in out and (gap is None or cfg.student == gap) else load_pairs(cfg, gap)
         name, params = parse_target(cfg.supported)
+        root = params.pop("root", cfg.root)   # 'NAME:root=DIR': the supported dataset's own folder
         if name == "synthetic-scenes" and cfg.quick: params = {**params, "n_per_class": min(int(params.get("n_per_class", 5)), 5)}
-        out["supported"] = load_images(name, params, cfg.root)
+        out["supported"] = load_images(name, params, root)
     return out
 
 def summarize_align(cfg: AlignExpCfg) -> dict:
