@@ -177,8 +177,8 @@ def test_submitit_executor(toy, tmp_path, capsys):
 def test_shipped_grids_dry_run(capsys):
     quick = REPO / "nbs" / "experiments" / "grids" / "quick.yaml"
     cells = expand_grid(load_grid(quick))
-    assert {c.experiment for c in cells} >= {"pixel", "scene"} and {c.seed for c in cells} == {0, 1, 2}
+    assert {c.experiment for c in cells} >= {"pixel", "scene", "align"} and {c.seed for c in cells} == {0, 1, 2}
     rc, out, err = cli(capsys, "reproduce", REPO / "nbs" / "experiments" / "grids" / "paper.yaml", "--dry-run", "--out", "/nonexistent/paper")
     assert rc in (0, 1) and "Traceback" not in err, err
-    assert "153 cell(s)" in out and "estimate:" in out
+    assert "156 cell(s) ->" in out and "estimate:" in out
     if rc == 1: assert "missing on this machine:" in out and "weights not found" in out
