@@ -179,7 +179,7 @@ def configure_cli(parser, group: str):
     parser.set_defaults(func=_cli_results)
 
 HEADLINE = {"oa": "OA", "aa": "AA", "kappa": "kappa x100", "acc": "accuracy", "base": "Base", "new": "New", "h": "H",
-            "source": "source", "target_mean": "target mean", "target": "target (RGB)", "new_target": "target (new modality)",
+            "source": "source", "target_mean": "target mean", "target": "target (RGB)", "target_s2": "target (S2)", "target_sar": "target (SAR)", "target_s1": "target (S1)",
             "supported": "supported"}   # headline metric -> column label, in table order
 
 def headline_keys(group: list) -> tuple:

@@ -555,11 +555,15 @@ def alpha_differences(summary: dict, keys: Sequence[str] = ("target", "supported
         out[int(a[1:]) / 100] = {k: paired_difference(m[f"{a}:{k}"]["values"], m[f"{alphas[0]}:{k}"]["values"], confidence=confidence) for k in keys}
     return out
 
-# %% ../../nbs/82_align.protocol.ipynb #48ddb285
-COMPACT_KEYS = ("target", "new_target", "supported", "rgb_to_new_R@1", "rgb_to_new_R@10", "new_to_rgb_R@1", "new_to_rgb_R@10")
+# %% ../../nbs/82_align.protocol.ipynb #34cab776
+COMPACT_KEYS = ("target", "supported")   # plus target_<mod>, rgb_to_<mod>_R@1/10, <mod>_to_rgb_R@1/10 per modality
 
-def compact_labels(labels: dict) -> dict:
-    "{'CLIP α=0' | 'patched α=a' | '<mod> student' | 'CLIP on <mod> composite': {seed: {COMPACT_KEYS...}}} from paint / align-<mod> per-seed metrics."
+def _mod_keys(src_prefix: str, mod: str, new_target: str) -> dict:
+    "{compact key: source key} of one modality: its zero-shot target and Recall@1/10 both ways."
+    return {f"target_{mod}": new_target, **{f"{d.format(m=mod)}_R@{k}": f"{src_prefix}{d.format(m='new')}_R@{k}" for d in ("rgb_to_{m}", "{m}_to_rgb") for k in (1, 10)}}
+
+def compact_labels(labels: dict, paint_modality: str = "s2") -> dict:
+    "{'CLIP α=0' | 'patched α=a' | '<mod> student' | 'CLIP on the <mod> composite': {seed: {key: value}}} from paint / align-<mod> metrics; a modality's columns carry its name, so rows of different modalities are never compared."
     out = {}
     def put(lab, seed, src: dict, keys: dict):
         row = {k: src[v] for k, v in keys.items() if v in src}
@@ -569,12 +573,11 @@ def compact_labels(labels: dict) -> dict:
             if lab.split(" ")[0] == "paint":
                 for a in sorted({k.split(":")[0] for k in m if ":" in k and k.startswith("a")}):
                     name = "CLIP α=0" if a == "a000" else f"patched α={int(a[1:]) / 100:g}"
-                    put(name, seed, m, {"target": f"{a}:target", "new_target": f"{a}:target_new", "supported": f"{a}:supported",
-                                        **{k: f"{a}:{k}" for k in COMPACT_KEYS[3:]}})
+                    put(name, seed, m, {"target": f"{a}:target", "supported": f"{a}:supported", **_mod_keys(f"{a}:", paint_modality, f"{a}:target_new")})
             elif lab.startswith("align-"):
                 mod = lab.split(" ")[0].split("-", 1)[1]
-                put(f"{mod} student", seed, m, {"target": "teacher_target", "new_target": "target", **{k: k for k in COMPACT_KEYS[3:]}})
-                put(f"CLIP on the {mod} composite", seed, m, {"target": "clip_target", "new_target": "clip_new_target", **{k: f"clip_{k}" for k in COMPACT_KEYS[3:]}})
+                put(f"{mod} student", seed, m, {"target": "teacher_target", **_mod_keys("", mod, "target")})
+                put(f"CLIP on the {mod} composite", seed, m, {"target": "clip_target", **_mod_keys("clip_", mod, "clip_new_target")})
             else: out[lab] = runs
     return out
 
