@@ -4,17 +4,17 @@
 
 # %% ../nbs/00_core.ipynb #5667f8b1
 from __future__ import annotations
-import json, logging, os, random, re, sys, tempfile, hashlib, difflib
+import json, logging, math, os, random, re, sys, tempfile, hashlib, difflib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 import numpy as np
 
 # %% auto #0
-__all__ = ['RSLabError', 'DataError', 'ConfigError', 'suggest', 'check_choice', 'slug', 'short_hash', 'check_int', 'get_logger',
-           'seed_everything', 'get_device', 'first_line', 'write_error', 'atomic_path', 'atomic_write', 'to_jsonable',
-           'save_json', 'load_json', 'record', 'sha256sum', 'git_commit', 'provenance', 'trainable_parameters',
-           'count_parameters']
+__all__ = ['RSLabError', 'DataError', 'ConfigError', 'suggest', 'check_choice', 'slug', 'short_hash', 'check_int',
+           'check_positive', 'check_seeds', 'read_yaml', 'get_logger', 'seed_everything', 'get_device', 'first_line',
+           'write_error', 'atomic_path', 'atomic_write', 'to_jsonable', 'save_json', 'load_json', 'record', 'sha256sum',
+           'git_commit', 'provenance', 'trainable_parameters', 'count_parameters']
 
 # %% ../nbs/00_core.ipynb #c7496b65
 class RSLabError(ValueError):
@@ -54,6 +54,28 @@ def check_int(value, name: str, lo: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
         raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
     return int(value)
+
+def check_positive(value, name: str) -> float:
+    "`value` as a float if it is a finite number > 0 (not a bool), else ConfigError naming `name`."
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+def check_seeds(seeds) -> list:
+    "`seeds` as a list if it is a non-empty list of distinct integers >= 0, else ConfigError."
+    if not isinstance(seeds, (list, tuple)) or not seeds: raise ConfigError(f"seeds must be a non-empty list of integers, got {seeds!r}")
+    out = [check_int(s, "every seed", 0) for s in seeds]
+    if len(set(out)) != len(out): raise ConfigError(f"seeds repeat: {list(seeds)}")
+    return out
+
+def read_yaml(path, err: type = None):
+    "The parsed YAML file at `path`; a syntax error is one `err` line (default DataError) with the line number."
+    import yaml
+    path = Path(path)
+    try: return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise (err or DataError)(f"{path}: not valid YAML{f' (line {mark.line + 1})' if mark else ''}: {getattr(e, 'problem', None) or first_line(e)}") from None
 
 # %% ../nbs/00_core.ipynb #dd937121
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

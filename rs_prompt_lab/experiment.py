@@ -75,7 +75,7 @@ class PixelExpCfg(Cfg):
 # %% ../nbs/44_experiment.ipynb #09d39925
 from .core import slug as _slug, short_hash as _short_hash
 
-from .core import check_int as _int
+from .core import check_int as _int, check_positive, check_seeds
 
 from fastcore.basics import patch
 
@@ -96,11 +96,9 @@ def check(self: PixelExpCfg) -> PixelExpCfg:
     for n in ("shots", "epochs", "batch_size", "eval_batch_size"): _int(getattr(self, n), n, 1)
     _int(self.val_per_class, "val_per_class", 0); _int(self.num_workers, "num_workers", 0)
     if self.patch_size is None or _int(self.patch_size, "patch_size", 1) % 2 == 0: raise ConfigError(f"patch_size must be odd (the window is centred on the pixel), got {self.patch_size}")
-    if not isinstance(self.seeds, (list, tuple)) or not self.seeds: raise ConfigError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
-    for s in self.seeds: _int(s, "every seed", 0)
-    if len(set(self.seeds)) != len(self.seeds): raise ConfigError(f"seeds repeat: {self.seeds}")
+    check_seeds(self.seeds)
     if self.max_test_pixels is not None: _int(self.max_test_pixels, "max_test_pixels", 1)
-    if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0): raise ConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
+    check_positive(self.lr, "lr")
     if self.steps is not None: _int(self.steps, "steps", 1)
     check_choice(self.budget, ["cfg", "method"], "training budget")
     check_choice(self.amp, ["auto", "off", "bf16", "fp16"], "amp mode")

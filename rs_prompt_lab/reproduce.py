@@ -139,14 +139,10 @@ def parse_grid(d, where: str = "<grid>") -> Grid:
 # %% ../nbs/46_reproduce.ipynb #96bc881e
 def load_grid(path) -> Grid:
     "Read a grid YAML and check its structure."
-    import yaml
+    from rs_prompt_lab.core import read_yaml
     path = Path(path)
     if not path.is_file(): raise ConfigError(f"{path}: grid file not found")
-    try: d = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{path}: not valid YAML{f' (line {mark.line + 1})' if mark else ''}: {getattr(e, 'problem', None) or first_line(e)}") from None
-    g = parse_grid(d, str(path)); g.path = path
+    g = parse_grid(read_yaml(path, ConfigError), str(path)); g.path = path
     return g
 
 # %% ../nbs/46_reproduce.ipynb #626d9be4

@@ -124,15 +124,17 @@ def warnings_of(runs: Sequence[dict]) -> list:
 # %% ../nbs/43_runner.ipynb #65b34fae
 def save_training_curve(history: Sequence[dict], # the Trainer's per-epoch rows (train_loss, val_loss, val_oa ...)
                         path, # PNG to write
-                        title: str = "", best_epoch: int | None = None) -> Path:
-    "Training loss and validation accuracy per epoch as a PNG (written atomically)."
+                        title: str = "", best_epoch: int | None = None,
+                        val_key: str = "val_oa", val_label: str = "validation OA", # the validation metric drawn on the right axis
+                       ) -> Path:
+    "Training loss and a validation metric (in [0, 1]) per epoch as a PNG (written atomically)."
     from matplotlib.figure import Figure
     from rs_prompt_lab.core import atomic_path
     ep = [r["epoch"] for r in history]
     fig = Figure(figsize=(6, 3.2)); ax = fig.add_subplot(111)
     ax.plot(ep, [r.get("train_loss") for r in history], "o-", label="train loss"); ax.set_xlabel("epoch"); ax.set_ylabel("training loss")
-    if any("val_oa" in r for r in history):
-        a2 = ax.twinx(); a2.plot(ep, [r.get("val_oa") for r in history], "s-", color="C1"); a2.set_ylabel("validation OA"); a2.set_ylim(0, 1)
+    if any(val_key in r for r in history):
+        a2 = ax.twinx(); a2.plot(ep, [r.get(val_key) for r in history], "s-", color="C1"); a2.set_ylabel(val_label); a2.set_ylim(0, 1)
     if best_epoch: ax.axvline(best_epoch, color="grey", ls="--", lw=1)
     ax.set_title(title, fontsize=9); fig.tight_layout()
     with atomic_path(path) as tmp: fig.savefig(tmp, format="png", dpi=90)

@@ -137,3 +137,12 @@ def test_alignment_experiment_notebook_runs(tmp_path, repo_root, monkeypatch):
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     m = load_json(next((out / "03_align").iterdir()) / "metrics.json")
     assert m["quick"] is True and 0 <= m["align-s2"]["target"] <= 1 and 0 <= m["paint"][alpha_key(0.5, "supported")] <= 1
+
+
+def test_composite_follows_the_processing_level():
+    from rs_prompt_lab.align.protocol import composite
+    from rs_prompt_lab.align.student import s2_rgb_composite
+    x = torch.rand(2, 13, 8, 8) * 0.3                                            # reflectance, as the student reads it
+    assert torch.equal(composite(x, "s2", "L1C"), s2_rgb_composite(x * 10000.0, "L1C"))
+    assert not torch.equal(composite(x, "s2", "L1C"), composite(x, "s2", "L2A"))   # L1C: DN / 3558, L2A: DN / 2000
+    assert composite(torch.rand(2, 2, 8, 8), "sar").shape == (2, 3, 8, 8)

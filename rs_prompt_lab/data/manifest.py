@@ -394,14 +394,10 @@ def _builtins() -> dict:
 
 def read_manifest(path: str | Path) -> Manifest:
     "Load and validate a manifest YAML file."
-    import yaml
+    from rs_prompt_lab.core import read_yaml
     path = Path(path)
     if not path.exists(): raise DataError(f"{path}: manifest file not found")
-    try: d = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise DataError(f"{path}: not valid YAML{f' (line {mark.line + 1})' if mark else ''}: {getattr(e, 'problem', e)}") from None
-    return parse_manifest(d, str(path))
+    return parse_manifest(read_yaml(path, DataError), str(path))
 
 def list_datasets() -> list[str]:
     "Names of the built-in manifests."

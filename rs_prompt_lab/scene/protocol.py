@@ -68,7 +68,7 @@ class SceneExpCfg(Cfg):
 # %% ../../nbs/73_scene.protocol.ipynb #2aa22494
 from fastcore.basics import patch
 
-from ..core import check_int as _int
+from ..core import check_int as _int, check_positive, check_seeds
 
 @patch
 def check(self: SceneExpCfg) -> SceneExpCfg:
@@ -79,13 +79,11 @@ def check(self: SceneExpCfg) -> SceneExpCfg:
     check_choice(self.amp, ["auto", "off", "bf16", "fp16"], "amp mode")
     for n in ("shots", "epochs", "batch_size", "eval_batch_size"): _int(getattr(self, n), n, 1)
     _int(self.val_shots, "val_shots", 0)
-    if not isinstance(self.seeds, (list, tuple)) or not self.seeds or len(set(self.seeds)) != len(self.seeds):
-        raise ConfigError(f"seeds must be a non-empty list of distinct integers, got {self.seeds!r}")
-    for s in self.seeds: _int(s, "every seed", 0)
+    check_seeds(self.seeds)
     if self.steps is not None: _int(self.steps, "steps", 1)
     if self.max_test is not None: _int(self.max_test, "max_test", 1)
     if self.budget == "method" and self.steps is not None: raise ConfigError("budget='method' takes the steps from the registry; drop --steps or use --budget cfg")
-    if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0): raise ConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
+    check_positive(self.lr, "lr")
     bad = [k for k in self.select if k not in ("lr", "steps")]
     if bad: raise ConfigError(f"select can search lr and steps, not {bad[0]!r}")
     for k, v in self.select.items():
