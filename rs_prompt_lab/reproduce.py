@@ -279,12 +279,12 @@ def git_state(path=None) -> dict:
     "{'commit', 'dirty'} of the git checkout holding `path` (default: this package); both None outside one."
     import importlib.util
     here = Path(path) if path else Path(importlib.util.find_spec("rs_prompt_lab").origin).resolve().parent
-    git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=20)
-    try:
-        c = git("rev-parse", "HEAD")
-        if c.returncode != 0: return {"commit": None, "dirty": None}
-        return {"commit": c.stdout.strip(), "dirty": bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())}
-    except (OSError, subprocess.SubprocessError): return {"commit": None, "dirty": None}
+    from rs_prompt_lab.core import git_commit
+    commit = git_commit(here)
+    if commit is None: return {"commit": None, "dirty": None}
+    try: st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError): return {"commit": commit, "dirty": None}
+    return {"commit": commit, "dirty": bool(st.stdout.strip()) if st.returncode == 0 else None}
 
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
