@@ -24,6 +24,7 @@ GROUPS = {  # group -> (module that implements configure_cli, one-line help)
     "reproduce": ("rs_prompt_lab.reproduce", "the main job: run a grid of experiment notebooks x seeds (resumable, sharded), then the report"),
     "run": ("rs_prompt_lab.reproduce", "run one experiment notebook as one cell: rs-lab run NOTEBOOK -p KEY VALUE ..."),
     "report": ("rs_prompt_lab.reproduce", "results table and report (markdown + self-contained HTML) of any runs folder"),
+    "bench": ("rs_prompt_lab.bench", "run the benchmark scripts (ratios against baselines measured in the same run) and write BENCHMARKS.md"),
     "demo": ("rs_prompt_lab.cli", "inventory: built-in manifests and data found under --root (make demo runs the quick grid)"),
 }
 
