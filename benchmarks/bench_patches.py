@@ -8,17 +8,13 @@ random float32: speed does not depend on the values. Timings on a shared machine
     python benchmarks/bench_patches.py            # full 349 x 1905 scene
     python benchmarks/bench_patches.py --rows 40  # quick run on the first 40 rows
 """
-import argparse, resource, sys, time
+import argparse, sys, time
+from rs_prompt_lab.bench import BenchFigure, peak_rss_gb, write_figures
 import numpy as np
 from rs_prompt_lab.data.scene import Scene
 from rs_prompt_lab.data.patches import SceneTiler
 
 LIMIT_GB = 1.5
-
-
-def peak_rss_gb() -> float:
-    "Peak resident set size of this process in GB (ru_maxrss is in KiB on Linux)."
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def naive(scene: Scene, rc: np.ndarray, p: int, batch: int) -> tuple:
@@ -39,6 +35,7 @@ def main(argv=None):
     ap.add_argument("--patch", type=int, default=11, help="patch size p (default 11)")
     ap.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
     ap.add_argument("--naive-pixels", type=int, default=2000, help="pixels for the naive loop (default 2000)")
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file (rs-lab bench reads it)")
     a = ap.parse_args(argv)
 
     rng = np.random.default_rng(0)
@@ -87,6 +84,13 @@ def main(argv=None):
     print(f"speed ratio lazy / naive: {lazy_pps / naive_pps:.1f}x (whole-scene lazy rate), "
           f"{lazy_slice_pps / naive_pps:.1f}x (same slice)")
     print("note: timings are from a shared machine and are noisy")
+    if a.json:
+        write_figures(a.json, "patches", [
+            BenchFigure("SceneTiler windows, same slice", lazy_slice_pps, "pixels/s", naive_pps, "pad once + slice per pixel",
+                        "windows equal" if same else "WINDOWS DIFFER"),
+            BenchFigure(f"SceneTiler, {H} x {W} scene", lazy_pps, "pixels/s", naive_pps, "pad once + slice per pixel"),
+            BenchFigure("peak RSS", rss, "GB", None, "", f"limit {LIMIT_GB} GB: {'OK' if rss < LIMIT_GB else 'OVER'}; scene arrays {scene_gb:.2f} GB")],
+            rows=H, cols=W, bands=a.bands, patch=p, batch=a.batch)
     return 0 if rss < LIMIT_GB else 1
 
 

@@ -26,6 +26,7 @@ torch.cuda.max_memory_allocated over the memory allocated before timing.
 Timings on a shared machine are noisy; nothing but the loop/batched agreement is asserted.
 """
 import argparse, json, os, platform, resource, statistics, subprocess, sys, time
+from rs_prompt_lab.bench import BenchFigure, write_figures
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
@@ -171,6 +172,7 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=["cocoop", "bimors"], choices=["cocoop", "bimors"])
     ap.add_argument("--passes", nargs="+", default=list(PASSES), choices=list(PASSES))
     ap.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when available; default)")
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file (rs-lab bench reads it)")
     ap.add_argument("--one", nargs=3, metavar=("METHOD", "PASS", "PATH"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.device == "auto": a.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -210,7 +212,7 @@ def main(argv=None):
     if not all(r["reset"] for r in rows.values()): print("note: the peak could not be reset after the setup: peaks include the setup")
     hdr = f"{'method':7s} | {'pass':15s} | {'batched ms':>10s} | {'loop ms':>9s} | {'loop/batched':>12s} | {'batched peak MiB':>16s} | {'loop peak MiB':>13s} | {'mem loop/batched':>16s}"
     print(hdr); print("-" * len(hdr))
-    verdict = []
+    verdict, figures = [], []
     for m in a.methods:
         for p in a.passes:
             b, l = rows[m, p, "batched"], rows[m, p, "loop"]
@@ -219,8 +221,12 @@ def main(argv=None):
             print(f"{m:7s} | {p:15s} | {b['ms']:10.1f} | {l['ms']:9.1f} | {sp:11.2f}x | {pb:+16.1f} | {pl:+13.1f} | "
                   f"{(pl / pb if pb > 0 else float('nan')):15.2f}x")
             verdict.append(f"{m} {p} {sp:.2f}x {'MET' if sp >= TARGET else 'NOT met'}")
+            prompts = a.batch * a.classes
+            figures.append(BenchFigure(f"{m} {p}, batched", prompts / b["ms"] * 1e3, "prompts/s", prompts / l["ms"] * 1e3, "loop over images",
+                                       f"target >= {TARGET:g}x; peak {pb:+.0f} MiB batched, {pl:+.0f} MiB loop"))
     print(f"target loop/batched >= {TARGET:g}x: " + "; ".join(verdict))
     print(f"total runtime {time.perf_counter() - T0:.0f} s")
+    if a.json: write_figures(a.json, "per_image_prompts", figures, a.device, B=a.batch, K=a.classes, L=r0["L"])
 
 
 if __name__ == "__main__":

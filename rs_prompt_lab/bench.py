@@ -86,7 +86,7 @@ def read_figures(path: str | Path) -> dict:
     d["figures"] = [BenchFigure(**{k: v for k, v in f.items() if k != "ratio"}) for f in d["figures"]]
     return d
 
-# %% ../nbs/90_bench.ipynb #8edd18ea
+# %% ../nbs/90_bench.ipynb #e7829ed3
 @dataclass
 class BenchSpec:
     "A benchmark script and how `rs-lab bench` runs it."
@@ -99,7 +99,7 @@ class BenchSpec:
 BENCHES = {
     "classmap": BenchSpec("bench_classmap.py", ["--rows", "8", "--naive-pixels", "256"], [], ["--device", "cuda", "--rows", "64"],
                           "whole-scene CF-IPT class map: tiled vs a naive per-pixel loop; FLOP rate vs the matmul peak"),
-    "prompts": BenchSpec("bench_per_image_prompts.py", ["--batch", "8", "--classes", "16", "--repeats", "2"], [], ["--device", "cuda"],
+    "prompts": BenchSpec("bench_per_image_prompts.py", ["--repeats", "2"], [], ["--device", "cuda"],
                          "per-image prompts (CoCoOp, BiMoRS): one batched B x K text pass vs a loop over images"),
     "patches": BenchSpec("bench_patches.py", ["--rows", "24", "--naive-pixels", "1000"], [], None,
                          "lazy patch windows (SceneTiler) vs pad-and-slice per pixel; peak memory"),
@@ -114,7 +114,7 @@ def benchmarks_dir() -> Path:
                                          "install with `make install` from the repository")
     return d
 
-# %% ../nbs/90_bench.ipynb #565f030d
+# %% ../nbs/90_bench.ipynb #0c8565ed
 log = get_logger(__name__)
 
 def run_one(name: str, spec: BenchSpec, args: list, device: str, out_dir: Path, timeout: float | None = None) -> dict:
@@ -124,7 +124,8 @@ def run_one(name: str, spec: BenchSpec, args: list, device: str, out_dir: Path, 
     t = time.perf_counter()
     try: p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired: return dict(name=name, device=device, ok=False, seconds=time.perf_counter() - t, error=f"timed out after {timeout:.0f} s", stdout="")
-    r = dict(name=name, device=device, seconds=time.perf_counter() - t, stdout=p.stdout, cmd=" ".join(cmd[1:]))
+    shown = " ".join(["python", f"benchmarks/{spec.script}", *map(str, args)])   # the command a reader reruns (no scratch path)
+    r = dict(name=name, device=device, seconds=time.perf_counter() - t, stdout=p.stdout, cmd=shown)
     if p.returncode != 0 or not js.exists():
         err = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
         return {**r, "ok": False, "error": err if p.returncode else f"wrote no figures ({js.name})"}
@@ -151,7 +152,7 @@ def run_bench(names: list | None = None, # benchmarks to run (default: all of BE
                 out.append(run_one(n, s, args, dev, Path(td), timeout))
     return out
 
-# %% ../nbs/90_bench.ipynb #5b5066ff
+# %% ../nbs/90_bench.ipynb #bfa25f10
 def _fmt(v) -> str:
     if v is None: return "-"
     a = abs(v)
@@ -179,7 +180,7 @@ def bench_markdown(results: list, full: bool = False) -> str:
                 lines.append(f"| {f.name} | {_fmt(f.value)} {f.unit} | {base} | {_fmt(f.ratio) + 'x' if f.ratio else '-'} | {f.note} |")
             m = r["machine"]
             lines += ["", f"Machine: {m.get('gpu', m['machine'])}, {m['cpus']} CPUs visible, {m['threads']} torch threads, "
-                          f"torch {m['torch']}; {r['seconds']:.0f} s. Command: `python benchmarks/{r['cmd'].split('benchmarks/')[-1]}`", ""]
+                          f"torch {m['torch']}; {r['seconds']:.0f} s. Command: `{r['cmd']}`", ""]
     return "\n".join(lines)
 
 # %% ../nbs/90_bench.ipynb #7c8f72c2
