@@ -5,10 +5,10 @@
 # %% ../nbs/60_cli.ipynb #e452ab57
 from __future__ import annotations
 import argparse, importlib, sys
-from .core import RSLabError, suggest, get_logger
+from .core import ConfigError, RSLabError, suggest, get_logger
 
 # %% auto #0
-__all__ = ['GROUPS', 'main', 'configure_cli']
+__all__ = ['GROUPS', 'group_parser', 'parse_command', 'main', 'configure_cli']
 
 # %% ../nbs/60_cli.ipynb #650c3154
 GROUPS = {  # group -> (module that implements configure_cli, one-line help)
@@ -32,20 +32,30 @@ def _usage() -> str:
     w = max(map(len, GROUPS))
     return "usage: rs-lab <group> [command] [options]\n\ngroups:\n" + "\n".join(f"  {g:<{w}}  {h}" for g, (_, h) in GROUPS.items())
 
+def group_parser(group: str, rest: list) -> argparse.ArgumentParser:
+    "The argument parser of one command group (its module is imported here, only when used)."
+    if group not in GROUPS: raise ConfigError(f"unknown command group {group!r}.{suggest(group, GROUPS)}")
+    try: mod = importlib.import_module(GROUPS[group][0])
+    except ImportError as e: raise ConfigError(f"command group {group!r} is not available in this build ({e})") from None
+    parser = argparse.ArgumentParser(prog=f"rs-lab {group}", description=GROUPS[group][1])
+    route = getattr(mod, "route", None)   # a module may pick a variant of its group from the arguments (train: pixel or scene)
+    mod.configure_cli(parser, route(group, rest) if route else group)
+    return parser
+
+def parse_command(argv: list) -> argparse.Namespace:
+    "Parse an `rs-lab` command line without running it (the README test checks every documented command this way)."
+    if not argv: raise ConfigError("an rs-lab command needs a group, e.g. rs-lab data list")
+    return group_parser(argv[0], argv[1:]).parse_args(argv[1:])
+
 def main(argv: list | None = None) -> int:
     "Entry point of the `rs-lab` console script."
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage()); return 0
     group = argv[0]
-    if group not in GROUPS:
-        print(f"error: unknown command group {group!r}.{suggest(group, GROUPS)}\n{_usage()}", file=sys.stderr); return 2
-    try: mod = importlib.import_module(GROUPS[group][0])
-    except ImportError as e:
-        print(f"error: command group {group!r} is not available in this build ({e})", file=sys.stderr); return 2
-    parser = argparse.ArgumentParser(prog=f"rs-lab {group}", description=GROUPS[group][1])
-    route = getattr(mod, "route", None)   # a module may pick a variant of its group from the arguments (train: pixel or scene)
-    mod.configure_cli(parser, route(group, argv[1:]) if route else group)
+    try: parser = group_parser(group, argv[1:])
+    except RSLabError as e:
+        print(f"error: {e}" + (f"\n{_usage()}" if group not in GROUPS else ""), file=sys.stderr); return 2
     args = parser.parse_args(argv[1:])
     if not hasattr(args, "func"):
         parser.print_help(); return 2

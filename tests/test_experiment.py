@@ -150,7 +150,7 @@ def test_experiment_notebook_runs(tmp_path, scene_npz, repo_root, monkeypatch):
     out = tmp_path / "runs"
     nb = pm.execute_notebook(str(repo_root / "nbs/experiments/01_cfipt_pixel.ipynb"), str(tmp_path / "out.ipynb"),
                              parameters=dict(DATASET=str(scene_npz / "tiny2d.npz"), BACKBONE="random:rs-tiny", METHOD=DEEP, SHOTS=6,
-                                             VAL_PER_CLASS=3, SEEDS=[0], EPOCHS=1, PATCH_SIZE=3, DEVICE="cpu", OUT_DIR=str(out), QUICK=True),
+                                             VAL_PER_CLASS=3, SEEDS=[0], EPOCHS=1, PATCH_SIZE=3, DEVICE="cpu", OUT_DIR=str(out), QUICK=True, CLASS_MAP=True),
                              kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     cfg_dir = next((out / "01_cfipt_pixel" / "tiny2d").iterdir())
