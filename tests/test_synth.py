@@ -161,3 +161,13 @@ def test_captions_do_not_depend_on_the_hash_seed():
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env=dict(os.environ, PYTHONHASHSEED=h, HF_HUB_OFFLINE="1")).stdout.strip() for h in ("1", "2", "3")}
     assert len(outs) == 1, outs
+
+
+def test_scene_bytes_do_not_depend_on_thread_count():
+    "A seed gives the same scene under any OMP_NUM_THREADS (a multi-threaded BLAS sums in another order; runs were refused across machines)."
+    import hashlib, os, subprocess, sys
+    code = ("from rs_prompt_lab.synth.scene import make_scene; import hashlib; s = make_scene('houston-like', 0, size=(64, 96)); "
+            "print(hashlib.sha256(b''.join(v.tobytes() for _, v in sorted(s.modalities.items()))).hexdigest())")
+    out = {t: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env=dict(os.environ, OMP_NUM_THREADS=str(t), OPENBLAS_NUM_THREADS=str(t))).stdout.strip() for t in (1, 2)}
+    assert out[1] == out[2] and len(out[1]) == 64, out

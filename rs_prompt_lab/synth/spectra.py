@@ -11,9 +11,9 @@ import numpy as np
 from ..core import ConfigError, DataError, check_choice
 
 # %% auto #0
-__all__ = ['LIB_GRID', 'WATER_TYPES', 'MATERIALS', 'S2_BANDS', 'L8_EDGES', 'SENSORS', 'SpectralLibrary', 'extend_spectra',
-           'interp_matrix', 'spectral_library', 'water_reflectance', 'water_spectra', 'material_pool', 'sample_spectra',
-           'Sensor', 'get_sensor', 'add_noise']
+__all__ = ['LIB_GRID', 'WATER_TYPES', 'MATERIALS', 'S2_BANDS', 'L8_EDGES', 'SENSORS', 'SpectralLibrary', 'det_matmul',
+           'extend_spectra', 'interp_matrix', 'spectral_library', 'water_reflectance', 'water_spectra', 'material_pool',
+           'sample_spectra', 'Sensor', 'get_sensor', 'add_noise']
 
 # %% ../../nbs/15_synth.spectra.ipynb #020a4879
 LIB_GRID = np.arange(350.0, 2500.1, 10.0)  # (216,) nm: the extended library grid
@@ -29,6 +29,11 @@ class SpectralLibrary:
     names: np.ndarray         # (N,) earthlib spectrum names
     def __len__(self): return len(self.reflectance)
 
+def det_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    "a @ b on one BLAS thread: a multi-threaded BLAS splits the sums by thread count, so the same seed would give other bytes under another OMP_NUM_THREADS."
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(limits=1, user_api="blas"): return a @ b
+
 def extend_spectra(r: np.ndarray, # (N, L) spectra sampled at `wl`
                    wl: np.ndarray, # (L,) nm, starting at 400
                    grid: np.ndarray = LIB_GRID, # target grid in nm
@@ -38,7 +43,7 @@ def extend_spectra(r: np.ndarray, # (N, L) spectra sampled at `wl`
     fit = (wl >= wl[0]) & (wl <= wl[0] + 40)
     x = wl[fit] - wl[0]
     slope = ((r[:, fit] - r[:, fit].mean(1, keepdims=True)) * (x - x.mean())).sum(1) / ((x - x.mean())**2).sum()  # (N,)
-    out = r @ interp_matrix(wl, grid).T                            # (N, G), constant beyond the ends
+    out = det_matmul(r, interp_matrix(wl, grid).T)                            # (N, G), constant beyond the ends
     below = grid < wl[0]
     ext = r[:, :1] + slope[:, None] * (grid[below] - wl[0])[None]
     lo, hi = 0.5 * r[:, :1], 1.5 * r[:, :1]
@@ -207,7 +212,7 @@ class Sensor:
 
     def resample(self, spectra: np.ndarray) -> np.ndarray:
         "Band values (..., B) of spectra (..., L) on LIB_GRID."
-        return (np.asarray(spectra, np.float32) @ self.response_matrix().T.astype(np.float32)).astype(np.float32)
+        return det_matmul(np.asarray(spectra, np.float32), self.response_matrix().T.astype(np.float32)).astype(np.float32)
 
     def band_info(self, units: str = "reflectance"):
         "The `BandInfo` of this sensor for a Scene."
@@ -221,7 +226,7 @@ def _response_matrix(centers: tuple, fwhm: tuple, grid: tuple) -> np.ndarray:
     c, s = np.asarray(centers)[:, None], np.asarray(fwhm)[:, None] / 2.3548
     srf = np.exp(-0.5 * ((fine[None] - c) / s)**2)                            # (B, F)
     srf /= srf.sum(1, keepdims=True)
-    M = srf @ interp_matrix(grid, fine)                                          # (B, L)
+    M = det_matmul(srf, interp_matrix(grid, fine))                                          # (B, L)
     M.setflags(write=False)
     return M
 
