@@ -4,7 +4,8 @@
 
 # %% ../nbs/60_cli.ipynb #e452ab57
 from __future__ import annotations
-import argparse, importlib, sys
+import argparse, contextlib, importlib, os, sys
+from fastcore.imports import IN_NOTEBOOK
 from .core import ConfigError, RSLabError, suggest, get_logger
 
 # %% auto #0
@@ -59,11 +60,19 @@ def main(argv: list | None = None) -> int:
     args = parser.parse_args(argv[1:])
     if not hasattr(args, "func"):
         parser.print_help(); return 2
-    try: return int(args.func(args) or 0)
+    rank0 = os.environ.get("RANK", "0") == "0"   # under torchrun rank 0 alone prints results and logs (the others: warnings, errors)
+    if not rank0: get_logger(level="WARNING")
+    out = sys.stdout if rank0 else open(os.devnull, "w")
+    try:
+        with contextlib.redirect_stdout(out): return int(args.func(args) or 0)
     except RSLabError as e:
         print(f"error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr); return 130
+    finally:
+        if out is not sys.stdout: out.close()
+        dist = sys.modules.get("rs_prompt_lab.distributed")   # a process group exists only if the command imported it
+        if dist is not None: dist.cleanup()
 
 # %% ../nbs/60_cli.ipynb #aff79906
 def configure_cli(parser: argparse.ArgumentParser, group: str):
@@ -75,3 +84,7 @@ def _demo(args) -> int:
     from rs_prompt_lab.data.manifest import demo_summary
     print(demo_summary(args.root))
     return 0
+
+# %% ../nbs/60_cli.ipynb #5687bb83
+#| eval: false
+if __name__ == "__main__" and not IN_NOTEBOOK: sys.exit(main())   # python -m rs_prompt_lab.cli, torchrun -m rs_prompt_lab.cli

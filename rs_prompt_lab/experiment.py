@@ -21,6 +21,7 @@ from .losses import method_loss
 from .inputs import PixelSpec, fit_inputs
 from .methods import get_entry, method_config, create_method
 from .classical import pixel_features
+from .distributed import check_batch_split, is_distributed, is_main, rank_device
 from .runner import (run_seeds, check_same, summarize_runs, collect_summaries, results_table, test_set_checks,
                                   warnings_of, save_training_curve)
 
@@ -322,7 +323,7 @@ def _train_point(cfg: PixelExpCfg, model, train, val, pt: dict, seed: int, out_d
                   steps_per_epoch=spe if eff["max_steps"] else None, progress=cfg.progress)
     tr = Trainer(model, method_loss, train if cfg.num_workers == 0 else train.dataloader(cfg.num_workers), val, tc)
     t0 = time.time(); tr.fit(resume=(out_dir/"last.pt").exists())
-    save_training_curve(tr.history, out_dir/"curve.png", f"{cfg.cfg_name} seed {seed}: lr {pt['lr']:g}, {epochs * spe} steps", tr.best_epoch)
+    if tr.is_main: save_training_curve(tr.history, out_dir/"curve.png", f"{cfg.cfg_name} seed {seed}: lr {pt['lr']:g}, {epochs * spe} steps", tr.best_epoch)
     return tr, {**pt, "epochs": epochs, "steps": epochs * spe, "best_epoch": tr.best_epoch, "best_val_oa": tr.best_score,
                 "epochs_done": tr.epoch, "train_seconds": round(time.time() - t0, 3)}
 
@@ -337,7 +338,7 @@ def _run_deep(scene: Scene, split: Split, cfg: PixelExpCfg, seed: int, rd: Path,
     for i, pt in enumerate(pts):
         model = build_method(cfg, scene, seed, split.train, norms)
         n_tr, n_tot = count_parameters(model)
-        out, device = {"trainable_params": n_tr, "total_params": n_tot}, get_device(cfg.device)
+        out, device = {"trainable_params": n_tr, "total_params": n_tot}, rank_device(cfg.device)
         if not n_tr: log.info(f"{cfg.method} has no trainable parameters: evaluation only"); best = (model, out, device, 0); break
         tr, rec = _train_point(cfg, model, train, val, pt, seed, rd/"train" if len(pts) == 1 else rd/"train"/f"grid{i}", eff)
         grid.append(rec)
@@ -349,7 +350,8 @@ def _run_deep(scene: Scene, split: Split, cfg: PixelExpCfg, seed: int, rd: Path,
     t0 = time.time()
     if hasattr(model, "prepare_inference"):
         with torch.inference_mode(): model.prepare_inference()
-    pred, y = predict(model, S(test_rc, cfg.eval_batch_size, False), device, cfg.amp, return_preds=True, progress=cfg.progress)
+    pred, y = predict(model, S(test_rc, cfg.eval_batch_size, False), device, cfg.amp, return_preds=True, progress=cfg.progress and is_main(),
+                      distributed=is_distributed())   # under torchrun the ranks share the test batches
     return dict(out, test_seconds=round(time.time() - t0, 3), y_true=index_to_ids(y.numpy()), y_pred=index_to_ids(pred.numpy()))
 
 def _run_classical(model, scene: Scene, split: Split, cfg: PixelExpCfg, seed: int, eff: dict, norms: dict, test_rc) -> dict:
@@ -403,15 +405,17 @@ def run_seed(scene: Scene, cfg: PixelExpCfg, seed: int,
     data_hash = data_hash or data_fingerprint(scene)
     check_resumable(rd, split.hash(), data_hash)   # an interrupted seed resumes only on the same data and split
     rd.mkdir(parents=True, exist_ok=True)
-    sfile = save_split(split, rd); save_normalizers(norms, rd/"normalizers.json")
+    main = is_main()   # under torchrun every rank computes the same split; rank 0 alone writes the seed's files
+    sfile = save_split(split, rd) if main else None
+    if main: save_normalizers(norms, rd/"normalizers.json")
     test_rc = _cap(split.test, eff["max_test_pixels"], seed)
     info = {"name": scene.name, "shape": list(scene.shape), "bands": {k: scene.n_bands(k) for k in scene.modalities},
             "class_names": scene.class_names, "data_hash": data_hash}
-    sp = {"file": sfile.name, "hash": split.hash(), "kind": split.kind, "k": split.k, "counts": split.counts,
+    sp = {"file": getattr(sfile, "name", None), "hash": split.hash(), "kind": split.kind, "k": split.k, "counts": split.counts,
           "fingerprint": split.fingerprint, "pool": split.meta.get("pool"), "test": split.meta.get("test"), "n_test_evaluated": len(test_rc),
           "mode": split.mode, "guard": split.guard, "guard_removed": split.meta.get("guard_removed", 0),
           "leakage": leakage_report(split, cfg.patch_size, scene.shape)}
-    save_json({"cfg": cfg.to_dict(), "seed": seed, "effective": eff, "dataset": info, "split": sp, "provenance": provenance()}, rd/"config.json")
+    if main: save_json({"cfg": cfg.to_dict(), "seed": seed, "effective": eff, "dataset": info, "split": sp, "provenance": provenance()}, rd/"config.json")
     log.info(f"{cfg.cfg_name} seed {seed}: {split!r}, testing on {len(test_rc)} pixels")
     if classical: res = _run_classical(build_method(cfg, scene, seed), scene, split, cfg, seed, eff, norms, test_rc)
     else: res = _run_deep(scene, split, cfg, seed, rd, eff, norms, test_rc)
@@ -419,7 +423,7 @@ def run_seed(scene: Scene, cfg: PixelExpCfg, seed: int,
     rep = classification_report_dict(yt, yp, scene.class_names)
     m = {"method": cfg.method, "dataset": cfg.dataset_name, "seed": seed, "split_hash": split.hash(), "quick": cfg.quick, **rep,
          **test_set_checks(yt, yp, scene.class_names), **res}
-    save_json(m, rd/"metrics.json")
+    if main: save_json(m, rd/"metrics.json")
     return m
 
 # %% ../nbs/44_experiment.ipynb #c90a270f
@@ -431,7 +435,7 @@ def summarize(cfg: PixelExpCfg) -> dict:
          "backbone": cfg.backbone if get_entry(cfg.method).backbone else None, "shots": cfg.shots, "patch_size": cfg.patch_size,
          "quick": cfg.quick, **summarize_runs(runs, keys=("oa", "aa", "kappa", "per_class")), "warnings": warnings_of(runs)}
     s["table"] = format_summary(s)
-    save_json(s, cfg.cfg_dir/"summary.json")
+    if is_main(): save_json(s, cfg.cfg_dir/"summary.json")
     return s
 
 def format_summary(s: dict) -> str:
@@ -448,6 +452,7 @@ def run_pixel_experiment(cfg: PixelExpCfg, # the experiment
                         ) -> dict:
     "Run every unfinished seed of `cfg`, then write and return the summary (mean ± std over seeds)."
     cfg = cfg.check()   # an unknown method or option fails before any data is loaded
+    if get_entry(cfg.method).backbone: check_batch_split(cfg.batch_size)   # under torchrun: B / N rows per process
     scene = check_pixel_scene(select_modalities(scene, cfg.modalities), cfg.patch_size) if scene is not None else load_scene(cfg)
     data_hash = data_fingerprint(scene)
     def one(seed):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from .core import ConfigError, get_logger, seed_everything, get_device, provenance
+from .distributed import launched
 from .config import Cfg
 from .promptable import PromptableCLIP
 from .train import TrainCfg, Trainer
@@ -159,6 +160,8 @@ def pretrain_rs_tiny(cfg: PretrainCfg, # the recipe
     import open_clip
     from rs_prompt_lab.backbones import RS_TINY_CONFIG, RS_TINY_PREPROCESS, register_builtin_configs, save_backbone_dir
     cfg.check(); log = get_logger("pretrain"); t0 = time.time()
+    if launched(): raise ConfigError("rs-lab pretrain runs in one process: its contrastive loss compares each image with every caption of the "
+                                     "batch, which splitting the batch over torchrun processes would change; run it without torchrun")
     device = get_device(cfg.device); seed_everything(cfg.seed)
     register_builtin_configs()
     model = open_clip.create_model("rs-tiny", pretrained=None).to(device)

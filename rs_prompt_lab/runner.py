@@ -5,7 +5,7 @@
 # %% ../nbs/43_runner.ipynb #2c4aad37
 from __future__ import annotations
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np
@@ -61,15 +61,18 @@ def run_seeds(cfg, # a protocol config: seeds, run_dir(seed), to_dict()
               check_finished: Callable | None = None, # check_finished(run_dir) before a finished seed is reused (raise to refuse)
              ) -> list:
     "Run every unfinished seed (each under its folder's lock); return the seeds that ran now."
+    from rs_prompt_lab.distributed import barrier, broadcast_object, init_distributed, is_main
+    init_distributed()   # under torchrun every rank runs each seed; rank 0 holds the lock and decides what is finished
     ran = []
-    for seed in tqdm(cfg.seeds, desc=getattr(cfg, "cfg_name", "seeds"), unit="seed", disable=not progress or len(cfg.seeds) == 1):
+    for seed in tqdm(cfg.seeds, desc=getattr(cfg, "cfg_name", "seeds"), unit="seed", disable=not progress or len(cfg.seeds) == 1 or not is_main()):
         rd = cfg.run_dir(seed)
-        with seed_lock(rd):
+        with seed_lock(rd) if is_main() else nullcontext():
             check_same(cfg, rd)
-            if (rd/"metrics.json").exists():
+            if broadcast_object((rd/"metrics.json").exists()):
                 if check_finished is not None: check_finished(rd)
-                log.info(f"{rd}: finished already (metrics.json), skipped"); continue
-            run_one(seed); ran.append(seed)
+                log.info(f"{rd}: finished already (metrics.json), skipped")
+            else: run_one(seed); ran.append(seed)
+        barrier()   # rank 0's files of this seed exist before any rank reads them
     return ran
 
 # %% ../nbs/43_runner.ipynb #7bd19119

@@ -16,6 +16,8 @@ from .core import (ConfigError, DataError, RSLabError, atomic_path, check_choice
                                 get_logger, provenance, record, save_json, seed_everything, write_error, first_line)
 from .config import Cfg
 from .records import logits_of
+from .distributed import (ShardedLoader, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, check_batch_split,
+                                       init_distributed, is_main, rank_batches, gather_objects, interleave, rank_device, world_size, wrap_ddp)
 
 # %% auto #0
 __all__ = ['NO_DECAY_KEYS', 'EVENTS', 'log', 'TrainCfg', 'trainable_state', 'load_trainable_state', 'split_decay', 'param_groups',
@@ -193,7 +195,9 @@ class Trainer:
         self.cfg = (cfg or TrainCfg()).check()
         self.model, self.loss_fn, self.metrics_fn = model, loss_fn, metrics_fn or default_metrics
         self.train_loader, self.val_loader, self.hooks, self.label_key = train_loader, val_loader, list(hooks or []), label_key
-        self.device = get_device(self.cfg.device)
+        self.distributed = init_distributed()   # under torchrun with several processes: DDP (see `distributed`)
+        if self.distributed: check_batch_split(self.cfg.batch_size)
+        self.device, self.is_main, self.world, self.ddp = rank_device(self.cfg.device), is_main(), world_size(), None
         self.amp_dtype = resolve_amp(self.cfg.amp, self.device)
         self.model.to(self.device)
         self.params = trainable_parameters(model)
@@ -253,30 +257,43 @@ def _set_epoch(loader, epoch: int) -> None:
 
 @patch
 def train_epoch(self: Trainer) -> float:
-    "One pass over the training loader; returns the mean loss."
+    "One pass over the training loader (distributed: this rank's rows of each global batch); returns the mean loss of the global batches."
     self.model.train()
     _set_epoch(self.train_loader, self.epoch)
+    if self.distributed: _set_rng_state(broadcast_object(_rng_state()))   # every rank draws rank 0's shuffle (DataLoader)
     total, n = 0.0, 0
-    bar = tqdm(self.train_loader, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
-               disable=not self.cfg.progress, leave=False)
+    bar = tqdm(ShardedLoader(self.train_loader) if self.distributed else self.train_loader, total=self.steps_per_epoch,
+               desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not (self.cfg.progress and self.is_main), leave=False)
     for i, batch in enumerate(bar):
         if i >= self.steps_per_epoch: break
+        batch, share = batch if self.distributed else (batch, None)
         batch = to_device(batch, self.device)
         x, _ = split_batch(batch, self.label_key)
-        with self._autocast():
-            out = self.model(x)
-            loss = self.loss_fn(out, batch, self.model)
-        if not torch.isfinite(loss):
-            raise RSLabError(f"loss is {loss.item()} at epoch {self.epoch + 1}, step {i + 1}; lower the lr or check the inputs")
+        loss, value = self._step_loss(x, batch, share)
+        if not math.isfinite(value):
+            raise RSLabError(f"loss is {value} at epoch {self.epoch + 1}, step {i + 1}; lower the lr or check the inputs")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.cfg.grad_clip)
         self.scaler.step(self.optimizer); self.scaler.update(); self.scheduler.step()
-        self.step += 1; total += loss.item(); n += 1
+        self.step += 1; total += value; n += 1
         bar.set_postfix(loss=f"{total / n:.4f}")
+    if self.ddp is not None: broadcast_buffers(self.model)   # BatchNorm statistics: rank 0's on every rank
     return total / max(n, 1)
+
+# %% ../nbs/40_train.ipynb #1f1e50fd
+@patch
+def _step_loss(self: Trainer, x, batch, share: float | None) -> tuple:
+    "(loss to backpropagate, the global batch's mean loss); distributed, weighted by the rank's `share` so DDP's average is the global gradient."
+    with self._autocast():
+        if share is None:
+            loss = self.loss_fn(self.model(x), batch, self.model)
+            return loss, loss.item()
+        if self.ddp is None: self.ddp = wrap_ddp(self.model, self.device, lambda: self.loss_fn(self.model(x), batch, self.model))
+        loss = self.loss_fn(self.ddp(x), batch, self.model)
+    return loss * (share * self.world), all_reduce_sum(loss.item() * share)
 
 # %% ../nbs/40_train.ipynb #98be55ac
 @torch.inference_mode()
@@ -288,33 +305,35 @@ def predict(model: nn.Module, # forward(batch) -> outputs
             label_key: str = "label", # labels' key in dict batches
             progress: bool = False, # tqdm bar
             loss_fn: Callable | None = None, # also return the mean loss as a third item
+            distributed: bool = False, # under torchrun: each rank runs whole batches round-robin; every rank gets all outputs
            ):
     "(outputs or predictions, labels or None[, mean loss]) of `model` over `loader`, in eval mode."
     device = device if isinstance(device, torch.device) else get_device(device)
     dtype = resolve_amp(amp, device)
     was_training = model.training; model.eval()
-    outs, labels, loss_sum, n = [], [], 0.0, 0
+    recs = []   # per batch: (outputs, labels or None, loss x rows, rows)
     try:
-        for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
+        for batch in tqdm(rank_batches(loader) if distributed else loader, desc="predict", disable=not progress, leave=False):
             batch = to_device(batch, device)
             x, y = split_batch(batch, label_key)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = model(x)
-                if loss_fn is not None: loss_sum += float(loss_fn(out, batch, model)) * len(out); n += len(out)
+                lsum = float(loss_fn(out, batch, model)) * len(out) if loss_fn is not None else 0.0
             out = logits_of(out).float()   # a MethodOutput gives its logits
-            outs.append((out.argmax(-1) if return_preds else out).cpu())
-            if y is not None: labels.append(y.cpu())
+            recs.append(((out.argmax(-1) if return_preds else out).cpu(), None if y is None else y.cpu(), lsum, len(out)))
     finally:
         model.train(was_training)
-    if not outs: raise DataError("predict: the loader yielded no batches")
-    res = (torch.cat(outs), torch.cat(labels) if labels else None)
-    return res + (loss_sum / max(n, 1),) if loss_fn is not None else res
+    if distributed: recs = interleave(gather_objects(recs))   # every rank: all batches, in the loader's order
+    if not recs: raise DataError("predict: the loader yielded no batches")
+    labels = [r[1] for r in recs if r[1] is not None]
+    res = (torch.cat([r[0] for r in recs]), torch.cat(labels) if labels else None)
+    return res + (sum(r[2] for r in recs) / max(sum(r[3] for r in recs), 1),) if loss_fn is not None else res
 
 @patch
 def evaluate(self: Trainer, loader: Iterable | None = None) -> dict:
     "{'val_loss', 'val_<metric>' ...} on `loader` (default: the validation loader)."
     out, y, loss = predict(self.model, loader or self.val_loader, self.device, "off" if self.amp_dtype is None else self.cfg.amp,
-                           label_key=self.label_key, loss_fn=self.loss_fn)
+                           label_key=self.label_key, loss_fn=self.loss_fn, distributed=self.distributed)
     return {"val_loss": loss} | {f"val_{k}": float(v) for k, v in self.metrics_fn(out, y).items()}
 
 # %% ../nbs/40_train.ipynb #a4067459
@@ -371,8 +390,8 @@ def load_state_dict(self: Trainer, ck: dict, source: str = "checkpoint") -> None
 
 @patch
 def _save(self: Trainer, best: bool) -> None:
-    "Write last.pt (and best.pt) when checkpoints are enabled."
-    if self.out_dir is None or not self.cfg.save_checkpoints: return
+    "Write last.pt (and best.pt) when checkpoints are enabled (rank 0 only)."
+    if self.out_dir is None or not self.cfg.save_checkpoints or not self.is_main: return
     ck = self.state_dict()
     if best: save_checkpoint(dict(ck, trainable=self.best_state), self.out_dir/"best.pt")  # best first: a crash in between
     save_checkpoint(ck, self.out_dir/"last.pt")  # never leaves last.pt pointing at a best epoch whose weights were not saved
@@ -408,6 +427,7 @@ def fit(self: Trainer, resume: bool = False, # continue from out_dir/last.pt
        ) -> list[dict]:
     "Train for cfg.epochs (or resume); returns the per-epoch history."
     c = self.cfg
+    if self.distributed: resume = broadcast_object(resume)   # rank 0 decides for every rank
     if resume: self._resume()
     else: seed_everything(c.seed, c.deterministic)
     self._write_config()
@@ -422,8 +442,9 @@ def fit(self: Trainer, resume: bool = False, # continue from out_dir/last.pt
         best = self._validate_and_select(row)
         row["seconds"] = round(time.time() - te, 3); self.history.append(row)
         log.info("epoch %d/%d %s", self.epoch, c.epochs, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch",)))
-        self._save(best); self._record(time.time() - t0)
+        self._save(best); self._record(time.time() - t0); barrier()   # rank 0 writes; the others wait for its files
         _call_hooks(self.hooks, "after_epoch", self)
+        if self.distributed: self.should_stop = all_reduce_sum(float(self.should_stop)) > 0   # a stop on any rank stops all
     if c.restore_best and self.best_state is not None and (self.epoch >= c.epochs or self.should_stop):
         load_trainable_state(self.model, self.best_state, "best state")
     _call_hooks(self.hooks, "after_train", self)
@@ -448,15 +469,15 @@ def _resume(self: Trainer) -> None:
 
 @patch
 def _write_config(self: Trainer) -> None:
-    "config.json: cfg, parameter counts, provenance."
-    if self.out_dir is None: return
+    "config.json: cfg, parameter counts, provenance (rank 0 only)."
+    if self.out_dir is None or not self.is_main: return
     save_json({"cfg": self.cfg.to_dict(), "trainable_params": self.n_trainable, "total_params": self.n_total,
-               "provenance": provenance()}, self.out_dir/"config.json")
+               **({"processes": self.world} if self.distributed else {}), "provenance": provenance()}, self.out_dir/"config.json")
 
 @patch
 def _record(self: Trainer, seconds: float) -> None:
-    "Merge the history and the selection result into metrics.json."
-    if self.out_dir is None: return
+    "Merge the history and the selection result into metrics.json (rank 0 only)."
+    if self.out_dir is None or not self.is_main: return
     sel = {"select_metric": self.cfg.select_metric, "best_score": self.best_score, "best_epoch": self.best_epoch}
     record({"history": self.history, "epochs_done": self.epoch, "trainable_params": self.n_trainable,
             "total_params": self.n_total, "train_seconds": round(seconds, 3), **sel}, self.out_dir)

@@ -56,13 +56,15 @@ def _env():
 def _check_without_running(cmd: str, repo: Path):
     "Options of a command that is too long (or needs files or a GPU) to run here."
     argv = shlex.split(cmd)
+    while "=" in argv[0] and not argv[0].startswith(("/", ".")): argv = argv[1:]     # VAR=value prefixes
     prog = argv[0]
     if prog == "make":
         r = subprocess.run(["make", "-n", *argv[1:]], cwd=ROOT, capture_output=True, text=True, env=_env())
         assert r.returncode == 0, f"{cmd}: {r.stderr}"
-    elif prog.endswith("rs-lab"):
+    elif prog.endswith(("rs-lab", "torchrun")):
         from rs_prompt_lab.cli import parse_command
-        try: parse_command(argv[1:])
+        rest = argv[argv.index("rs_prompt_lab.cli") + 1:] if prog.endswith("torchrun") else argv[1:]
+        try: parse_command(rest)
         except SystemExit as e: pytest.fail(f"README command {cmd!r} has invalid options (argparse exit {e.code})")
     elif prog.endswith("papermill"):
         from rs_prompt_lab.reproduce import notebook_parameters

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from ..core import ConfigError, DataError, get_logger, load_json, save_json
+from ..distributed import is_main
 from ..config import Cfg
 from ..promptable import PromptableCLIP
 from ..records import MethodOutput, logits_of
@@ -209,7 +210,7 @@ def _check_run(out_dir: Path, class_names, cfg: PaintCfg, tcfg: TrainCfg, resume
         diff = [k for k in cur if old.get(k) != cur[k]]
         if diff: raise ConfigError(f"{out_dir} holds a PAINT run with other settings ({diff[0]}: {old.get(diff[0])!r} there, "
                                    f"{cur[diff[0]]!r} now); use another out_dir, or delete it to start again")
-    else: save_json(cur, path)
+    elif is_main(): save_json(cur, path)   # under torchrun rank 0 writes
 
 def patch_model(clip: PromptableCLIP, # the backbone (left in its zero-shot state, tower locked)
                 class_names: Sequence[str], # K target classes (the head)

@@ -16,6 +16,7 @@ from ..core import (ConfigError, DataError, check_choice, check_int, check_posit
                                 save_json, short_hash, slug)
 from ..config import Cfg
 from ..runner import run_seeds, summarize_runs, save_training_curve
+from ..distributed import is_main, rank_device
 from .paint import (PaintCfg, PaintModel, patch_model, interpolate, load_image_tower, image_tower_state,
                                        check_alpha)
 from .student import (AlignModel, PairCollate, SensorStudent, evaluate_alignment, embed_pairs,
@@ -315,24 +316,27 @@ def run_paint_seed(cfg: AlignExpCfg, seed: int, data: dict, clip) -> dict:
     pc = PaintCfg(lr=cfg.paint_lr, weight_decay=cfg.paint_weight_decay, steps=min(cfg.paint_steps, 4) if cfg.quick else cfg.paint_steps,
                   batch_size=cfg.paint_batch_size, multilabel=ml, label_smoothing=cfg.label_smoothing, alphas=list(cfg.alphas),
                   templates=list(T), amp=cfg.amp, device=cfg.device, progress=cfg.progress)
-    save_json({k: v.tolist() for k, v in sp.items()} | {"supported": {k: v.tolist() for k, v in ss.items()}}, rd/"split.json")
-    save_json({"cfg": cfg.to_dict(), "seed": seed, "stage": "paint", "classes": names, "multilabel": ml, "new_modality": nk,
-               "n": {k: len(v) for k, v in sp.items()}, "supported": {"dataset": cfg.supported, "classes": list(sup.class_names)},
-               "provenance": provenance()}, rd/"config.json")
+    main = is_main()   # under torchrun rank 0 alone writes the seed folder
+    if main:
+        save_json({k: v.tolist() for k, v in sp.items()} | {"supported": {k: v.tolist() for k, v in ss.items()}}, rd/"split.json")
+        save_json({"cfg": cfg.to_dict(), "seed": seed, "stage": "paint", "classes": names, "multilabel": ml, "new_modality": nk,
+                   "n": {k: len(v) for k, v in sp.items()}, "supported": {"dataset": cfg.supported, "classes": list(sup.class_names)},
+                   "provenance": provenance()}, rd/"config.json")
     t0 = time.time()
-    clip.to(get_device(cfg.device))
+    clip.to(rank_device(cfg.device))
     theta_zs, theta_ft, hist = patch_model(clip, names, train_l, val_l, pc, out_dir=rd/"train", seed=seed)
-    _save_state(theta_ft, rd/"theta_ft.pt")
     steps = len(hist) * len(train_l)
-    save_training_curve(hist, rd/"train"/"curve.png", f"PAINT seed {seed}: lr {cfg.paint_lr:g}, {steps} steps",
-                        val_key="val_map" if ml else "val_oa", val_label="validation mAP" if ml else "validation accuracy")
+    if main:
+        _save_state(theta_ft, rd/"theta_ft.pt")
+        save_training_curve(hist, rd/"train"/"curve.png", f"PAINT seed {seed}: lr {cfg.paint_lr:g}, {steps} steps",
+                            val_key="val_map" if ml else "val_oa", val_label="validation mAP" if ml else "validation accuracy")
     scores = score_alphas(clip, theta_zs, theta_ft, cfg.alphas, target, supported, names, sup.class_names, nk, T, col.level)
     a = select_alpha(scores, cfg.alphas)
     m = {"method": "paint", "dataset": cfg.dataset_name, "seed": seed, "quick": cfg.quick, **scores, "selected_alpha": a,
          "selected_on": "mean of target and supported validation scores (never test)", "metric": "mAP" if ml else "top-1",
          "training": {"steps": steps, "epochs": len(hist), "lr": cfg.paint_lr, "final_train_loss": hist[-1]["train_loss"] if hist else None,
                       "train_seconds": round(time.time() - t0, 2), "history": hist}}
-    save_json(m, rd/"metrics.json")
+    if main: save_json(m, rd/"metrics.json")
     return m
 
 # %% ../../nbs/82_align.protocol.ipynb #b8817f1c
@@ -384,11 +388,13 @@ def run_align_seed(cfg: AlignExpCfg, seed: int, data: dict, clip) -> dict:
     items = {k: PairItems(pairs, v, col) for k, v in sp.items()}
     in_chans = int(items["train"][0][cfg.student].shape[0])
     a = teacher_alpha_of(cfg, seed)
-    save_json({k: v.tolist() for k, v in sp.items()}, rd/"split.json")
-    save_json({"cfg": cfg.to_dict(), "seed": seed, "stage": "align", "classes": names, "multilabel": ml, "teacher_alpha": a,
-               "teacher": str(paint_cfg(cfg).run_dir(seed)) if a > 0 else f"{cfg.backbone} zero-shot tower", "in_chans": in_chans,
-               "n": {k: len(v) for k, v in sp.items()}, "provenance": provenance()}, rd/"config.json")
-    dev = get_device(cfg.device); clip.to(dev)
+    main = is_main()   # under torchrun rank 0 alone writes the seed folder
+    if main:
+        save_json({k: v.tolist() for k, v in sp.items()}, rd/"split.json")
+        save_json({"cfg": cfg.to_dict(), "seed": seed, "stage": "align", "classes": names, "multilabel": ml, "teacher_alpha": a,
+                   "teacher": str(paint_cfg(cfg).run_dir(seed)) if a > 0 else f"{cfg.backbone} zero-shot tower", "in_chans": in_chans,
+                   "n": {k: len(v) for k, v in sp.items()}, "provenance": provenance()}, rd/"config.json")
+    dev = rank_device(cfg.device); clip.to(dev)
     theta_zs = image_tower_state(clip)
     base = clip_baseline(clip, pair_loader(items["test"], cfg.eval_batch_size), names, cfg.student, TEMPLATE_SETS[cfg.templates], col.level)
     try:
@@ -405,8 +411,9 @@ def run_align_seed(cfg: AlignExpCfg, seed: int, data: dict, clip) -> dict:
                       out_dir=rd/"train", select_metric="val_map" if ml else "val_oa", restore_best=True, progress=cfg.progress)
         tr = Trainer(model, lambda out, batch, m: m.loss(out, batch), train_l, pair_loader(items["val"], cfg.eval_batch_size), tc, paint_metrics(ml))
         t0 = time.time(); tr.fit(resume=(rd/"train"/"last.pt").exists())
-        save_training_curve(tr.history, rd/"train"/"curve.png", f"{cfg.student} student seed {seed}: lr {cfg.align_lr:g}, {epochs * len(train_l)} steps",
-                            tr.best_epoch, val_key="val_map" if ml else "val_oa", val_label="validation mAP" if ml else "validation accuracy")
+        if main:
+            save_training_curve(tr.history, rd/"train"/"curve.png", f"{cfg.student} student seed {seed}: lr {cfg.align_lr:g}, {epochs * len(train_l)} steps",
+                                tr.best_epoch, val_key="val_map" if ml else "val_oa", val_label="validation mAP" if ml else "validation accuracy")
         test_l = pair_loader(items["test"], cfg.eval_batch_size)
         ev = evaluate_alignment(model, test_l)
         t_tr, s_tr, y_tr = embed_pairs(model, pair_loader(items["train"], cfg.eval_batch_size))
@@ -421,7 +428,7 @@ def run_align_seed(cfg: AlignExpCfg, seed: int, data: dict, clip) -> dict:
          "training": {"steps": epochs * len(train_l), "epochs": epochs, "lr": cfg.align_lr, "best_epoch": tr.best_epoch, "best_val": tr.best_score,
                       "final_train_loss": tr.history[-1]["train_loss"] if tr.history else None, "train_seconds": round(time.time() - t0, 2),
                       "history": tr.history}}
-    save_json(m, rd/"metrics.json")
+    if main: save_json(m, rd/"metrics.json")
     return m
 
 # %% ../../nbs/82_align.protocol.ipynb #ed929860
@@ -450,7 +457,7 @@ def summarize_align(cfg: AlignExpCfg) -> dict:
          "method": cfg.method if cfg.method == "paint" else f"align-{cfg.student}", "backbone": cfg.backbone, "quick": cfg.quick,
          "metric": runs[0].get("metric"), **summarize_runs(runs, keys=keys), "warnings": []}
     s["table"] = format_align_summary(s)
-    save_json(s, cfg.cfg_dir/"summary.json")
+    if is_main(): save_json(s, cfg.cfg_dir/"summary.json")
     return s
 
 def run_align_experiment(cfg: AlignExpCfg, data: dict | None = None) -> dict:

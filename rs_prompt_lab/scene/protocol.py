@@ -18,6 +18,7 @@ from ..methods import get_entry, method_config, create_method
 from ..inputs import ImageSpec
 from ..losses import method_loss
 from ..runner import run_seeds, summarize_runs, save_training_curve, results_table
+from ..distributed import is_distributed, is_main, rank_device
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'BENCHMARK_PARAMS', 'log', 'SceneExpCfg', 'parse_target', 'source_params', 'default_targets',
@@ -299,7 +300,7 @@ def score(model, batches: SceneBatches, cfg: SceneExpCfg, device) -> tuple:
     from rs_prompt_lab.train import predict
     model.eval()
     if hasattr(model, "prepare_inference"): model.prepare_inference()
-    logits, y = predict(model, loader(batches, cfg.eval_batch_size, False, 0), device, cfg.amp, progress=False)
+    logits, y = predict(model, loader(batches, cfg.eval_batch_size, False, 0), device, cfg.amp, progress=False, distributed=is_distributed())
     return logits, y
 
 # %% ../../nbs/73_scene.protocol.ipynb #a4227935
@@ -328,7 +329,7 @@ def _train(model, cfg: SceneExpCfg, train_b, val_b, pt: dict, seed: int, out_dir
                   amp=cfg.amp, device=cfg.device, seed=seed, out_dir=out_dir, steps_per_epoch=spe, progress=cfg.progress, restore_best=False)
     tr = Trainer(model, method_loss, loader(train_b, cfg.batch_size, True, seed), loader(val_b, cfg.eval_batch_size, False, 0) if len(val_b) else None, tc)
     t0 = time.time(); tr.fit(resume=(out_dir/"last.pt").exists())
-    save_training_curve(tr.history, out_dir/"curve.png", f"{cfg.method} seed {seed}: lr {pt['lr']:g}, {epochs * spe} steps", tr.best_epoch)
+    if tr.is_main: save_training_curve(tr.history, out_dir/"curve.png", f"{cfg.method} seed {seed}: lr {pt['lr']:g}, {epochs * spe} steps", tr.best_epoch)
     rec = {**pt, "epochs": epochs, "steps": epochs * spe, "best_epoch": tr.best_epoch, "best_val_acc": tr.best_score,
            "train_seconds": round(time.time() - t0, 3), "final_train_loss": tr.history[-1]["train_loss"] if tr.history else None}
     return tr, trainable_state(model), rec
@@ -417,13 +418,15 @@ def run_scene_seed(cfg: SceneExpCfg, seed: int, datasets: dict, clip, encoder, c
     B = lambda ds, idx, cs: _batches(cfg, clip, ds, idx, cs, encoder, captioner)
     train_b, val_b = B(src, P["train"], tc), B(src, P["val"], tc)
     sets = {k: (B(ds, idx, cs), [ds.class_names[c] for c in cs]) for k, (ds, idx, cs) in P["tests"].items()}
-    save_json({"train": P["train"], "val": P["val"], "tests": {k: v[1] for k, v in P["tests"].items()}}, rd/"split.json")
-    save_json({"cfg": cfg.to_dict(), "seed": seed, "protocol": cfg.protocol, "train_classes": names,
-               "datasets": {k: {"key": _ds_key(d), "data_hash": data_fingerprint(d), "n": len(d), "classes": list(d.class_names)} for k, d in datasets.items()},
-               "tests": {k: {"n": len(v[1]), "classes": [v[0].class_names[c] for c in v[2]]} for k, v in P["tests"].items()},
-               "captions": {"captioner": cfg.captioner, "encoder": getattr(encoder, "key", None)} if encoder else None,
-               "provenance": provenance()}, rd/"config.json")
-    device, best, grid = get_device(cfg.device), None, []
+    main = is_main()   # under torchrun rank 0 alone writes the seed folder
+    if main:
+        save_json({"train": P["train"], "val": P["val"], "tests": {k: v[1] for k, v in P["tests"].items()}}, rd/"split.json")
+        save_json({"cfg": cfg.to_dict(), "seed": seed, "protocol": cfg.protocol, "train_classes": names,
+                   "datasets": {k: {"key": _ds_key(d), "data_hash": data_fingerprint(d), "n": len(d), "classes": list(d.class_names)} for k, d in datasets.items()},
+                   "tests": {k: {"n": len(v[1]), "classes": [v[0].class_names[c] for c in v[2]]} for k, v in P["tests"].items()},
+                   "captions": {"captioner": cfg.captioner, "encoder": getattr(encoder, "key", None)} if encoder else None,
+                   "provenance": provenance()}, rd/"config.json")
+    device, best, grid = rank_device(cfg.device), None, []
     pts = budget_points(cfg)
     for i, pt in enumerate(pts):
         model = build_for(cfg, clip, names, seed, getattr(encoder, "dim", None))
@@ -445,7 +448,7 @@ def run_scene_seed(cfg: SceneExpCfg, seed: int, datasets: dict, clip, encoder, c
     if "last" in res: m["last"] = {**headline(res["last"], cfg.protocol), "sets": res["last"]}
     else: m["last"] = {**headline(res["selected"], cfg.protocol), "sets": res["selected"]}
     if len(grid) > 1: m["selection"] = {"selected_on": "validation accuracy", "grid": grid, "chosen": rec["grid_point"]}
-    save_json(m, rd/"metrics.json")
+    if main: save_json(m, rd/"metrics.json")
     return m
 
 # %% ../../nbs/73_scene.protocol.ipynb #6fec29d5
@@ -467,7 +470,7 @@ def summarize_scene(cfg: SceneExpCfg) -> dict:
          "backbone": cfg.backbone, "shots": cfg.shots, "captioner": cfg.captioner if needs_captions(cfg) else None, "quick": cfg.quick,
          **summarize_runs(runs, keys=keys, test_sets=("last",)), "warnings": []}
     s["table"] = format_scene_summary(s, keys)
-    save_json(s, cfg.cfg_dir/"summary.json")
+    if is_main(): save_json(s, cfg.cfg_dir/"summary.json")
     return s
 
 def format_scene_summary(s: dict, keys: list) -> str:
