@@ -12,11 +12,19 @@ then prints:
   slice its window, normalise it and (a) run the model on that single pixel (batch 1) or (b) stack `--batch` slices and
   run them together; the ratio of the tiled speed to each, and whether their predictions agree with the tiled map.
 
+- the FLOPs per pixel (`torch.utils.flop_counter`) and the achieved FLOP rate of the tiled map against the matmul peak
+  measured in the same process (1024^3 fp32; bf16 on CUDA), and the whole-scene time beside its FLOP-bound limit. With
+  `--rows` the whole-scene time is extrapolated from the band at the band's speed, and the output says so.
+
+`--json PATH` writes the figures (tiled vs the naive loops, peak RSS, whole-scene time, FLOP rate) for `rs-lab bench`;
+`--device cuda` runs the map on the GPU (bf16 autocast unless `--amp off`).
+
     python benchmarks/bench_classmap.py                 # every pixel of the 349 x 1905 scene
     python benchmarks/bench_classmap.py --rows 16       # a band of 16 rows (same scene, same padding)
+    python benchmarks/bench_classmap.py --rows 64 --device cuda --json figures.json
 Timings on a shared machine are noisy; nothing here is asserted.
 """
-import argparse, os, resource, threading, time
+import argparse, os, resource, statistics, threading, time
 import numpy as np
 import torch
 from rs_prompt_lab.records import index_to_ids, logits_of
@@ -65,12 +73,15 @@ def build_method(scene, patch_size: int, kw: dict):
     return create_method("cfipt", clip, scene_spec(scene, patch_size), **kw), note + f", methods.create_method('cfipt', **{kw})"
 
 
-def naive_loop(model, scene, norms, rc, p: int, batch: int) -> tuple:
+def naive_loop(model, scene, norms, rc, p: int, batch: int, device: str = "cpu", amp=None) -> tuple:
     "Pad once, then per pixel: slice, normalise, forward alone (batch 1) or stacked in batches. ((s_b1, s_batched), preds_b1, preds_batched)."
     h = p // 2
     padded = {k: np.pad(x, ((h, h), (h, h), (0, 0)), mode="reflect") for k, x in scene.modalities.items()}  # a second copy of the scene
     cut = lambda r, c: {k: norms[k].transform(x[r:r + p, c:c + p]).transpose(2, 0, 1) for k, x in padded.items()}  # {k: (C, p, p)}
-    fwd = lambda d: index_to_ids(logits_of(model({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()})).argmax(1).numpy())
+    def fwd(d):
+        with torch.autocast(device, dtype=amp, enabled=amp is not None):
+            out = logits_of(model({k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in d.items()}))
+        return index_to_ids(out.float().argmax(1).cpu().numpy())
     with torch.inference_mode():
         t0 = time.perf_counter()
         p1 = np.array([fwd({k: v[None] for k, v in cut(r, c).items()})[0] for r, c in rc])
@@ -83,6 +94,16 @@ def naive_loop(model, scene, norms, rc, p: int, batch: int) -> tuple:
     return (t1 - t0, t2 - t1), p1, np.concatenate(pb)
 
 
+def flop_rate(model, scene, norms, p: int, device: str, amp) -> float:
+    "FLOPs per pixel of the model's forward (counted on 8 pixels with torch.utils.flop_counter)."
+    from rs_prompt_lab.bench import count_flops
+    from rs_prompt_lab.data.patches import cut_patches
+    rc = np.argwhere(np.ones(scene.shape, bool))[:8]
+    x = {k: torch.from_numpy(cut_patches(v, rc, p, norms[k])).to(device) for k, v in scene.modalities.items()}
+    with torch.autocast(device, dtype=amp, enabled=amp is not None):   # grad mode on: FlopCounterMode's module tracker needs it
+        return count_flops(model, x) / len(rc)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=None, help="map only a band of this many rows in the middle of the scene (default: all)")
@@ -91,11 +112,19 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=256, help="pixels per forward pass (default 256)")
     ap.add_argument("--naive-pixels", type=int, default=1000, help="pixels for the naive loops (default 1000)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2: the 2-core target)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs (default cpu)")
+    ap.add_argument("--amp", default=None, choices=["off", "bf16", "fp16"], help="autocast of the map (default: bf16 on CUDA, off on CPU)")
     ap.add_argument("--kw", action="append", default=[], metavar="KEY=VALUE", help="CF-IPT option, e.g. per_image=false (JSON values)")
+    ap.add_argument("--json", default=None, help="write the figures here (rs-lab bench)")
     a = ap.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available(): raise SystemExit("--device cuda: CUDA is not available on this machine")
+    if a.rows is not None and a.rows < 1: raise SystemExit(f"--rows must be >= 1, got {a.rows}")
     torch.set_num_threads(a.threads)
+    amp_mode = a.amp or ("bf16" if a.device == "cuda" else "off")
+    amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp_mode]
     from rs_prompt_lab.classmap import predict_scene
     from rs_prompt_lab.data.scene import BandNormalizer
+    from rs_prompt_lab.bench import BenchFigure, matmul_peak, write_figures
 
     t0 = time.perf_counter()
     scene, scene_note = build_scene(a.height, a.width)
@@ -108,35 +137,61 @@ def main(argv=None):
     import json
     kw = {k: json.loads(v) if v[:1] in "-0123456789[{tfn\"" else v for k, _, v in (s.partition("=") for s in a.kw)}
     model, method_note = build_method(scene, a.patch, kw)
-    model.eval()
+    model.to(a.device).eval()
     print(f"method: CF-IPT, p = {a.patch}, backbone {method_note}; trainable {sum(q.numel() for q in model.parameters() if q.requires_grad):,} params; "
-          f"torch threads {torch.get_num_threads()}, device cpu, batch {a.batch}")
+          f"torch threads {torch.get_num_threads()}, device {a.device}, amp {amp_mode}, batch {a.batch}")
+    fpx = flop_rate(model, scene, norms, a.patch, a.device, amp)
+    pdt = torch.bfloat16 if a.device == "cuda" else torch.float32
 
-    mask = None
+    mask, where = None, "whole scene"
     if a.rows is not None:
         r0 = max(0, (H - a.rows) // 2)
         mask = np.zeros(scene.shape, bool); mask[r0:r0 + a.rows] = True
+        where = f"rows {r0}-{r0 + min(a.rows, H - r0) - 1}"
     n = int(mask.sum()) if mask is not None else H * W
+    peaks = [matmul_peak(device=a.device, dtype=pdt)]
     before = rss_gb()
     with PeakRSS() as peak:
         t0 = time.perf_counter()
-        pred = predict_scene(model, scene, a.patch, a.batch, "cpu", normalizers=norms, mask=mask, progress=True)
+        pred = predict_scene(model, scene, a.patch, a.batch, a.device, normalizers=norms, mask=mask, progress=True, amp=amp_mode)
         dt = time.perf_counter() - t0
+    peaks.append(matmul_peak(device=a.device, dtype=pdt))
+    mpk = statistics.median(peaks)
     pps = n / dt
     flag = "OK" if peak.peak < LIMIT_GB else "OVER"
-    print(f"tiled class map: {n:,} pixels ({'rows %d-%d' % (r0, r0 + a.rows - 1) if mask is not None else 'whole scene'}) in {dt:.1f} s "
+    print(f"tiled class map: {n:,} pixels ({where}) in {dt:.1f} s "
           f"= {pps:,.0f} pixels/s; RSS before {before:.2f} GB, peak during {peak.peak:.2f} GB ({flag}: limit {LIMIT_GB:.1f} GB)")
-    if mask is not None: print(f"  whole scene at this speed: {H * W / pps / 60:.1f} min")
+    whole_min, bound_min = H * W / pps / 60, H * W * fpx / mpk / 60
+    how = f"extrapolated from {where} ({n:,} pixels) at their speed" if mask is not None else "measured on the whole scene"
+    print(f"  whole scene ({H} x {W}): {whole_min:.1f} min ({how}); FLOP-bound limit {bound_min:.1f} min "
+          f"({fpx / 1e9:.3f} GFLOP/pixel at the {mpk / 1e9:.0f} GFLOP/s matmul peak)")
+    print(f"  achieved {pps * fpx / 1e9:.1f} GFLOP/s = {pps * fpx / mpk:.0%} of the matmul peak (measured before and after the map)")
 
     rc = np.argwhere(mask if mask is not None else np.ones(scene.shape, bool))[: a.naive_pixels]
-    (s1, sb), p1, pb = naive_loop(model, scene, norms, rc, a.patch, a.batch)
+    (s1, sb), p1, pb = naive_loop(model, scene, norms, rc, a.patch, a.batch, a.device, amp)
     ref = pred[rc[:, 0], rc[:, 1]]
+    a1, ab = (p1 == ref).mean(), (pb == ref).mean()
     print(f"naive loop on {len(rc):,} pixels (np.pad once, one window sliced per pixel):")
     print(f"  (a) forward per pixel (batch 1): {len(rc) / s1:,.1f} pixels/s -> tiled is {pps / (len(rc) / s1):.1f}x faster; "
-          f"agrees with the tiled map on {(p1 == ref).mean() * 100:.1f}% of the pixels")
+          f"agrees with the tiled map on {a1 * 100:.1f}% of the pixels")
     print(f"  (b) per-pixel cut, forward in batches of {a.batch}: {len(rc) / sb:,.1f} pixels/s -> tiled is {pps / (len(rc) / sb):.2f}x faster; "
-          f"agrees on {(pb == ref).mean() * 100:.1f}%")
-    print(f"process peak RSS (whole run, scene generation and padded copy included): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+          f"agrees on {ab * 100:.1f}%")
+    total_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(f"process peak RSS (whole run, scene generation and padded copy included): {total_rss:.2f} GB")
+    if a.json:
+        figs = [BenchFigure("tiled class map vs naive loop, batch 1", pps, "pixels/s", len(rc) / s1, f"naive loop, batch 1, {len(rc)} pixels",
+                            f"{where}; predictions agree on {a1:.1%}"),
+                BenchFigure("tiled class map vs naive loop, batched", pps, "pixels/s", len(rc) / sb, f"per-pixel cut, batches of {a.batch}",
+                            f"predictions agree on {ab:.1%}"),
+                BenchFigure("peak RSS during the class map", peak.peak, "GB", before, "RSS before the map (the scene and the model)",
+                            f"limit {LIMIT_GB:.1f} GB: {flag}"),
+                BenchFigure("whole-scene class map time", whole_min, "min", bound_min, "FLOP-bound limit at the matmul peak",
+                            f"{H} x {W}, {how}; {a.threads} thread(s), batch {a.batch}"),
+                BenchFigure("class map FLOP rate", pps * fpx / 1e9, "GFLOP/s", mpk / 1e9, "matmul peak, same process" + (" (bf16)" if a.device == "cuda" else ""),
+                            f"{fpx / 1e9:.3f} GFLOP/pixel, {a.threads} thread(s)")]
+        write_figures(a.json, "classmap", figs, a.device, rows=a.rows, batch=a.batch, threads=a.threads, scene=scene_note,
+                      method=method_note, process_peak_rss_gb=total_rss)
+        print(f"figures written to {a.json}")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,8 @@ BENCHES = {
     "patches": BenchSpec("bench_patches.py", ["--rows", "24", "--naive-pixels", "1000"], [], None,
                          "lazy patch windows (SceneTiler) vs pad-and-slice per pixel; peak memory"),
     "backbones": BenchSpec("bench_backbones.py", [], [], None, "load time of the embedded rs-tiny backbone"),
+    "profile": BenchSpec("bench_profile.py", ["--sizes", "rs-tiny", "--batches", "2"], [], ["--device", "cuda"],
+                         "CF-IPT per component (FLOPs, time share), eval FLOP rate vs the matmul peak on 1 and 2 threads, training steps"),
 }
 
 def benchmarks_dir() -> Path:
