@@ -12,7 +12,8 @@ from .core import ConfigError, DataError, atomic_write, first_line, get_logger, 
 
 # %% auto #0
 __all__ = ['BENCHES', 'log', 'BenchFigure', 'matmul_peak', 'count_flops', 'peak_rss_gb', 'machine_facts', 'write_figures',
-           'read_figures', 'BenchSpec', 'benchmarks_dir', 'run_one', 'run_bench', 'bench_markdown', 'configure_cli']
+           'read_figures', 'BenchSpec', 'benchmarks_dir', 'run_one', 'run_bench', 'bench_markdown', 'merge_results',
+           'save_results', 'load_results', 'configure_cli']
 
 # %% ../nbs/90_bench.ipynb #a92cce4c
 @dataclass
@@ -93,18 +94,18 @@ class BenchSpec:
     script: str              # path under the repository's benchmarks/ folder
     quick: list              # arguments of the quick pass
     full: list = field(default_factory=list)  # arguments of `--full`
-    gpu: list | None = None  # arguments of the CUDA pass (None: CPU only)
+    gpu: list | None = None  # arguments of the CUDA pass (None: CPU only; a script with one takes --device cpu|cuda)
     what: str = ""           # one line for the report
 
 BENCHES = {
-    "classmap": BenchSpec("bench_classmap.py", ["--rows", "8", "--naive-pixels", "256"], [], ["--device", "cuda", "--rows", "64"],
+    "classmap": BenchSpec("bench_classmap.py", ["--rows", "8", "--naive-pixels", "256"], [], ["--rows", "64"],
                           "whole-scene CF-IPT class map: tiled vs a naive per-pixel loop; FLOP rate vs the matmul peak"),
-    "prompts": BenchSpec("bench_per_image_prompts.py", ["--repeats", "2"], [], ["--device", "cuda"],
+    "prompts": BenchSpec("bench_per_image_prompts.py", ["--repeats", "2"], [], [],
                          "per-image prompts (CoCoOp, BiMoRS): one batched B x K text pass vs a loop over images"),
     "patches": BenchSpec("bench_patches.py", ["--rows", "24", "--naive-pixels", "1000"], [], None,
                          "lazy patch windows (SceneTiler) vs pad-and-slice per pixel; peak memory"),
     "backbones": BenchSpec("bench_backbones.py", [], [], None, "load time of the embedded rs-tiny backbone"),
-    "profile": BenchSpec("bench_profile.py", ["--sizes", "rs-tiny", "--batches", "2"], [], ["--device", "cuda"],
+    "profile": BenchSpec("bench_profile.py", ["--sizes", "rs-tiny", "--batches", "2"], [], [],
                          "CF-IPT per component (FLOPs, time share), eval FLOP rate vs the matmul peak on 1 and 2 threads, training steps"),
 }
 
@@ -120,19 +121,24 @@ def benchmarks_dir() -> Path:
 log = get_logger(__name__)
 
 def run_one(name: str, spec: BenchSpec, args: list, device: str, out_dir: Path, timeout: float | None = None) -> dict:
-    "Run one script with `--json`; return {'name', 'device', 'ok', 'seconds', 'figures' | 'error', 'stdout'}."
+    "Run one script with `--json`; return {'name', 'device', 'ok', 'seconds', 'when', 'figures' | 'error', 'stdout'}."
     js = out_dir/f"{name}-{device}.json"
+    args = [*args, "--device", device] if spec.gpu is not None else list(args)   # a script with a GPU pass is told where to run
     cmd = [sys.executable, str(benchmarks_dir()/spec.script), *map(str, args), "--json", str(js)]
     t = time.perf_counter()
     try: p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired: return dict(name=name, device=device, ok=False, seconds=time.perf_counter() - t, error=f"timed out after {timeout:.0f} s", stdout="")
     shown = " ".join(["python", f"benchmarks/{spec.script}", *map(str, args)])   # the command a reader reruns (no scratch path)
-    r = dict(name=name, device=device, seconds=time.perf_counter() - t, stdout=p.stdout, cmd=shown)
-    if p.returncode != 0 or not js.exists():
+    r = dict(name=name, device=device, seconds=time.perf_counter() - t, stdout=p.stdout, cmd=shown, when=time.strftime("%Y-%m-%d %H:%M"))
+    if not js.exists():
         err = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
         return {**r, "ok": False, "error": err if p.returncode else f"wrote no figures ({js.name})"}
-    d = read_figures(js)
-    return {**r, "ok": True, "figures": d["figures"], "machine": d["machine"]}
+    try: d = read_figures(js)
+    except (DataError, TypeError) as e: return {**r, "ok": False, "error": f"unreadable figures: {first_line(e)}"}
+    if d["machine"]["device"] != device:
+        return {**r, "ok": False, "error": f"the script measured on {d['machine']['device']}, not {device}"}
+    missed = f"exit code {p.returncode}: a target of the script was missed (see its notes)" if p.returncode else ""
+    return {**r, "ok": True, "figures": d["figures"], "machine": d["machine"], "missed": missed}
 
 def run_bench(names: list | None = None, # benchmarks to run (default: all of BENCHES)
               full: bool = False, # the issues' sizes instead of the quick slice
@@ -142,6 +148,7 @@ def run_bench(names: list | None = None, # benchmarks to run (default: all of BE
     names = list(names or BENCHES)
     bad = [n for n in names if n not in BENCHES]
     if bad: raise ConfigError(f"unknown benchmark {bad[0]!r}; choose from {', '.join(BENCHES)}")
+    if timeout is not None and not timeout > 0: raise ConfigError(f"timeout must be a number of seconds > 0, got {timeout!r}")
     gpu = torch.cuda.is_available() if gpu is None else gpu
     if gpu and not torch.cuda.is_available(): raise ConfigError("--gpu asked for, but CUDA is not available on this machine")
     out = []
@@ -175,15 +182,40 @@ def bench_markdown(results: list, full: bool = False) -> str:
             spec = BENCHES.get(r["name"])
             lines += [f"### {r['name']}: {spec.what if spec else ''}", ""]
             if not r["ok"]:
-                lines += [f"FAILED after {r['seconds']:.0f} s: {r['error']}", ""]; continue
+                lines += [f"FAILED after {r['seconds']:.0f} s" + (f" ({r['when']})" if r.get("when") else "") + f": {r['error']}", ""]; continue
+            if r.get("last_failure"): lines += [f"The last run of this benchmark FAILED ({r['last_failure']}); the figures below are from {r.get('when', 'before')}.", ""]
             lines += ["| figure | value | baseline | ratio | note |", "|---|---|---|---|---|"]
             for f in r["figures"]:
                 base = f"{_fmt(f.baseline)} {f.unit} ({f.baseline_name})" if f.baseline else "-"
                 lines.append(f"| {f.name} | {_fmt(f.value)} {f.unit} | {base} | {_fmt(f.ratio) + 'x' if f.ratio else '-'} | {f.note} |")
             m = r["machine"]
             lines += ["", f"Machine: {m.get('gpu', m['machine'])}, {m['cpus']} CPUs visible, {m['threads']} torch threads, "
-                          f"torch {m['torch']}; {r['seconds']:.0f} s. Command: `{r['cmd']}`", ""]
+                          f"torch {m['torch']}; {r.get('when', '')}, {r['seconds']:.0f} s. Command: `{r['cmd']}`", ""]
+            if r.get("missed"): lines += [f"Note: {r['missed']}.", ""]
     return "\n".join(lines)
+
+# %% ../nbs/90_bench.ipynb #5f4ba508
+def _key(r: dict) -> tuple: return (r["name"], r["device"])
+
+def merge_results(old: list, new: list) -> list:
+    "This run's results over the previous ones: a new result replaces its old entry; a failure keeps the old figures, marked."
+    out = {_key(r): r for r in old}
+    for r in new:
+        prev = out.get(_key(r))
+        out[_key(r)] = r if r["ok"] or not (prev and prev["ok"]) else {**prev, "last_failure": f"{r.get('when', '')}: {r['error']}"}
+    order = list(BENCHES)
+    return sorted(out.values(), key=lambda r: (order.index(r["name"]) if r["name"] in order else len(order), r["device"]))
+
+def save_results(results: list, path: str | Path) -> Path:
+    "The results (figures as dicts, no printout) as JSON, atomically."
+    return save_json([{**{k: v for k, v in r.items() if k != "stdout"}, "figures": [f.to_dict() for f in r.get("figures", [])]} for r in results], path)
+
+def load_results(path: str | Path) -> list:
+    "Results written by `save_results` ([] when the file does not exist yet)."
+    if not Path(path).exists(): return []
+    d = load_json(path)
+    if not isinstance(d, list): raise DataError(f"{path}: not a list of benchmark results; move it away and rerun rs-lab bench")
+    return [{**r, "figures": [BenchFigure(**{k: v for k, v in f.items() if k != "ratio"}) for f in r.get("figures", [])]} for r in d]
 
 # %% ../nbs/90_bench.ipynb #7c8f72c2
 def configure_cli(parser, group: str):
@@ -197,9 +229,13 @@ def configure_cli(parser, group: str):
     parser.set_defaults(func=_bench)
 
 def _bench(args) -> int:
+    out = Path(args.out)
+    if out.suffix != ".md": raise ConfigError(f"--out {out}: write the report to a .md file (its results are kept beside it as .json)")
     res = run_bench(args.names or None, full=args.full, gpu=args.gpu, timeout=args.timeout)
     for r in res:
         print(f"{r['name']:10s} {r['device']:4s} {'ok' if r['ok'] else 'FAILED: ' + r['error']}  ({r['seconds']:.0f} s)")
-    atomic_write(args.out, bench_markdown(res, args.full) + "\n")
-    print(f"wrote {args.out}")
+    merged = merge_results(load_results(out.with_suffix(".json")), res)
+    save_results(merged, out.with_suffix(".json"))
+    atomic_write(out, bench_markdown(merged, args.full) + "\n")
+    print(f"wrote {out} ({len(res)} run now, {len(merged) - len(res)} kept from before)")
     return 0 if all(r["ok"] for r in res) else 1

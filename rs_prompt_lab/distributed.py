@@ -107,12 +107,12 @@ def all_reduce_sum(x: float) -> float:
     return t.item()
 
 # %% ../nbs/40a_distributed.ipynb #93ccd225
-def check_batch_split(batch_size: int, world: int | None = None) -> int:
-    "batch_size / world, each rank's rows of a global batch; ConfigError when it does not divide."
+def check_batch_split(batch_size: int, world: int | None = None, name: str = "batch_size") -> int:
+    "batch_size / world, each rank's rows of a global batch; ConfigError (naming the option `name`) when it does not divide."
     w = world or world_size()
     if batch_size % w:
         near = [v for v in (batch_size // w * w, (batch_size // w + 1) * w) if v]
-        raise ConfigError(f"batch_size {batch_size} does not split over {w} processes: use a multiple of {w} "
+        raise ConfigError(f"{name} {batch_size} does not split over {w} processes: use a multiple of {w} "
                           f"({' or '.join(map(str, near))}), or an --nproc_per_node that divides {batch_size}")
     return batch_size // w
 

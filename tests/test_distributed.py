@@ -22,15 +22,7 @@ REPO = HERE.parent
 RTOL = 1e-6
 
 
-def _scene(H=10, W=12, seed=0):
-    "3 classes with different mean spectra, HSI (6 bands) + LiDAR, official train (left) / test (right) maps."
-    rng = np.random.default_rng(seed)
-    lab = rng.integers(1, 4, (H, W))
-    hsi = lab[..., None] * np.linspace(0.5, 1.5, 6) + rng.normal(0, 0.3, (H, W, 6))
-    lidar = (lab == 2)[..., None] * 2.0 + rng.normal(0, 0.5, (H, W, 1))
-    tr = np.zeros((H, W), bool); tr[:, : W // 2] = True
-    return Scene({"hsi": hsi, "lidar": lidar}, lab, {1: "grass", 2: "road", 3: "water"},
-                 splits={"train": tr, "test": ~tr}, name="tiny2d")
+from test_experiment import two_d_scene as _scene   # the pixel protocol's tiny 10 x 12 scene (3 classes, HSI + LiDAR)
 
 
 def _torchrun(args, tmp_path, timeout=240):
@@ -84,6 +76,19 @@ def test_batch_size_must_split_over_the_processes(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert "batch_size 5 does not split over 2 processes: use a multiple of 2 (4 or 6)" in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv, option", [(["train", "paint", "--quick", "--paint-batch-size", "5"], "--paint-batch-size"),
+                                          (["train", "align", "--quick", "--align-batch-size", "7"], "--align-batch-size"),
+                                          (["train", "coop", "--protocol", "fewshot", "--quick", "--batch-size", "5"], "--batch-size")])
+def test_scene_and_alignment_refuse_an_unsplittable_batch_first(argv, option, tmp_path, monkeypatch, capsys):
+    "The scene and alignment protocols refuse too, naming the option the user typed, before any data or file."
+    from rs_prompt_lab.cli import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc = main([*argv, "--out", str(tmp_path / "runs"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {option} "), err
     assert not (tmp_path / "runs").exists()
 
 

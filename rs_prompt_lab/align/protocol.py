@@ -16,7 +16,7 @@ from ..core import (ConfigError, DataError, check_choice, check_int, check_posit
                                 save_json, short_hash, slug)
 from ..config import Cfg
 from ..runner import run_seeds, summarize_runs, save_training_curve
-from ..distributed import is_main, rank_device
+from ..distributed import check_batch_split, is_main, rank_device
 from .paint import (PaintCfg, PaintModel, patch_model, interpolate, load_image_tower, image_tower_state,
                                        check_alpha)
 from .student import (AlignModel, PairCollate, SensorStudent, evaluate_alignment, embed_pairs,
@@ -465,6 +465,8 @@ def run_align_experiment(cfg: AlignExpCfg, data: dict | None = None) -> dict:
     from rs_prompt_lab.backbones import load_backbone
     cfg = cfg.check()
     if cfg.method == "paint": cfg = paint_cfg(cfg)   # stage-2 settings never reach a stage-1 folder (an align run reuses it)
+    if cfg.method == "paint" or cfg.teacher_alpha != 0: check_batch_split(cfg.paint_batch_size, name="--paint-batch-size")   # under torchrun,
+    if cfg.method == "align": check_batch_split(cfg.align_batch_size, name="--align-batch-size")                             # before any data is read
     data = data or load_data(cfg)
     clip = load_backbone(cfg.backbone)[0].eval()
     if cfg.method == "align" and cfg.teacher_alpha != 0:

@@ -18,7 +18,7 @@ from ..methods import get_entry, method_config, create_method
 from ..inputs import ImageSpec
 from ..losses import method_loss
 from ..runner import run_seeds, summarize_runs, save_training_curve, results_table
-from ..distributed import is_distributed, is_main, rank_device
+from ..distributed import check_batch_split, is_distributed, is_main, rank_device
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'BENCHMARK_PARAMS', 'log', 'SceneExpCfg', 'parse_target', 'source_params', 'default_targets',
@@ -503,6 +503,7 @@ def run_scene_experiment(cfg: SceneExpCfg, datasets: dict | None = None) -> dict
     from rs_prompt_lab.scene.encoders import make_encoder
     from rs_prompt_lab.scene.captions import make_captioner
     cfg = cfg.check()
+    if cfg.method != "zeroshot": check_batch_split(cfg.batch_size, name="--batch-size")   # under torchrun, before any data is read
     datasets = datasets or load_datasets(cfg)
     check_datasets(cfg, datasets)
     clip = load_backbone(cfg.backbone)[0].eval()
