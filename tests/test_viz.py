@@ -12,10 +12,11 @@ from rs_prompt_lab.core import ConfigError, DataError, load_json
 from rs_prompt_lab.data.scene import Scene, BandInfo
 from rs_prompt_lab.viz.core import Heat, downsample, external_refs, save_html, save_png
 from rs_prompt_lab.viz.attention import attention_maps, centre_gate, inspect_batch, spectral_prompt, token_attention
-from rs_prompt_lab.viz.maps import class_map_data, class_map_hv, pixel_spectrum
+from rs_prompt_lab.viz.maps import class_map_data, class_map_hv, pixel_spectrum, false_colour, nearest_bands, pixel_report, FALSE_COLOURS
 from rs_prompt_lab.viz.prompts import prompt_drift, prompt_vectors, project
 from rs_prompt_lab.viz.runs import confusion_heat, curve_data, find_runs, load_run, per_class_table
-from rs_prompt_lab.viz.dashboards import inspect_pixels, inspector_view, pixels_per_class, run_view
+from rs_prompt_lab.viz.dashboards import (inspect_pixels, inspector_view, pixels_per_class, run_view, band_view, band_explorer,
+                                          class_map_view, class_map_explorer)
 
 HERE = Path(__file__).resolve().parent
 
@@ -97,6 +98,57 @@ def test_big_class_map_is_downsampled_before_bokeh_and_exports_offline(tmp_path,
     assert html.stat().st_size < 20_000_000
     assert save_png(lay, tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(DataError, match="outside the 12 x 10 scene"): pixel_spectrum(tiny_scene, 12, 0)
+
+
+def _rows(dm) -> dict:
+    "The (key, value) rows a table DynamicMap shows now."
+    t = dm[()]
+    return dict(zip(t.dimension_values("key"), t.dimension_values("value")))
+
+
+def test_band_explorer_on_a_houston_sized_scene(tmp_path):
+    "A 349 x 1905 scene: only a downsampled composite reaches bokeh, yet a click names the exact full-resolution pixel."
+    H, W, B = 349, 1905, 24
+    rng = np.random.default_rng(0)
+    r, c = np.mgrid[:H, :W]
+    lab = 1 + (r // 40 + c // 60) % 3
+    hsi = (lab[..., None] * np.linspace(0.1, 0.3, B) + rng.normal(0, 0.01, (H, W, B))).astype(np.float32)
+    hsi[200, 1001] = 5.0                                                  # one bright pixel the thumbnail skips
+    scene = Scene({"hsi": hsi, "lidar": (r % 7).astype(np.float32)}, lab, {1: "grass", 2: "road", 3: "water"},
+                  {"hsi": BandInfo(wavelengths=list(np.linspace(400, 1000, B))), "lidar": BandInfo(names=["dsm"], units="m")}, name="big")
+    bands = nearest_bands(scene, FALSE_COLOURS["colour infrared"])
+    v = band_view(scene, bands, max_pixels=40_000)
+    d = v["data"]
+    assert d["rgb"].shape[0] * d["rgb"].shape[1] <= 40_000 and d["stride"] == 5
+    comp = v["layout"].values()[0][()].get(0)                              # the RGB under the marker
+    assert comp.data.shape == (70, 381, 3) and comp.bounds.lbrt() == (0, 0, 381 * 5, 70 * 5)
+    v["tap"].event(x=1001.6, y=200.2)                                     # a click inside pixel (200, 1001)
+    t = _rows(v["layout"].values()[3])
+    assert t["pixel (row, col)"] == "(200, 1001)" and t["lidar dsm"] == f"{200 % 7:.4g}"
+    sp = v["layout"].values()[2][()].values()[0]
+    assert np.allclose(sp.dimension_values(1), 5.0)                       # the spectrum is the full-resolution pixel's
+    box = band_explorer(scene, max_pixels=40_000)
+    assert [o[0] for o in box.controls["preset"].options] == ["true colour", "colour infrared", "custom"]
+    page = save_html(box.view, tmp_path / "bands.html").read_text()
+    assert external_refs(page) == []
+    with pytest.raises(DataError, match="no band of 'hsi' near 2200 nm"): nearest_bands(scene, [2200])
+
+
+def test_class_map_explorer_toggles_and_clicks(tiny_scene):
+    lab = tiny_scene.labels
+    pred = np.where(lab == 3, 1, np.maximum(lab, 1))                     # water called grass
+    box = class_map_explorer(tiny_scene, pred)
+    box.controls["grass"].value = False
+    assert box.data["shown"] == [2, 3] and set(np.unique(box.data["pred"])) == {0, 2}   # hidden grass, and water predicted as grass, vanish
+    assert set(np.unique(box.data["gt"])) <= {0, 2, 3}
+    r, c = map(int, np.argwhere(lab == 3)[0])
+    box.tap.event(x=c + 0.5, y=r + 0.5)
+    box.controls["none"].click(); box.controls["all"].click()             # re-rendering keeps the clicked pixel
+    t = _rows(box.view.values()[4])
+    assert (t["pixel (row, col)"], t["ground truth"], t["prediction"]) == (f"({r}, {c})", "water", "grass (wrong)")
+    rep = pixel_report(tiny_scene, c + 0.5, r + 0.5, pred)
+    assert rep["correct"] is False and np.allclose(rep["spectrum"]["modalities"]["hsi"]["values"], tiny_scene.modalities["hsi"][r, c])
+    with pytest.raises(DataError, match="unknown class 'Water'"): class_map_view(tiny_scene, pred, show=["Water"])
 
 
 # (c) run folders written by the runner -------------------------------------------------------------------------------------
