@@ -1,7 +1,7 @@
 """viz builders against real objects (a CF-IPT on the rs-tiny architecture, a run folder written by the runner), the
 static export, the tutorials run top to bottom through papermill, and (marked `browser`) the dashboards in JupyterLab
 in headless chromium."""
-import os, shutil, socket, subprocess, sys, time
+import os, re, shutil, socket, subprocess, sys, time
 from pathlib import Path
 import numpy as np
 import pytest
@@ -192,19 +192,35 @@ def test_run_views_from_a_runner_folder(tmp_path):
 
 CELL_TIMEOUT = 240   # seconds per cell: a stuck cell fails the test with its name instead of hanging the suite
 
+def run_tutorial(name: str, tmp: Path, **parameters) -> tuple:
+    "(executed notebook, seconds): nbs/tutorials/<name>.ipynb through papermill in `tmp` (hermetic), its client polling in 1 s slices."
+    import papermill as pm
+    from rs_prompt_lab.reproduce import polled_kernel_manager
+    mp = pytest.MonkeyPatch(); hermetic_env(tmp, mp)
+    t0 = time.time()
+    try:   # polled_kernel_manager: a zmq wakeup the client misses costs 1 s, not CELL_TIMEOUT (the stall of issue 11, see 46_reproduce)
+        nb = pm.execute_notebook(str(HERE.parent / f"nbs/tutorials/{name}.ipynb"), str(tmp / f"{name}.out.ipynb"), parameters=parameters,
+                                 kernel_name="python3", progress_bar=False, cwd=str(tmp), execution_timeout=CELL_TIMEOUT,
+                                 kernel_manager_class=polled_kernel_manager())
+    finally: mp.undo()
+    return nb, time.time() - t0
+
+
+def outputs_text(nb) -> str:
+    "Everything the notebook printed."
+    return "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "stream")
+
+
+def widget_outputs(nb) -> list:
+    return [o for c in nb["cells"] for o in c.get("outputs", []) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+
+
 @pytest.fixture(scope="module")
 def inspector_run(tmp_path_factory):
     "The CF-IPT inspector tutorial executed by papermill with its default budget (trains a CF-IPT that learns, < 1 min on one core)."
-    import papermill as pm
     tmp = tmp_path_factory.mktemp("inspector")
-    mp = pytest.MonkeyPatch(); hermetic_env(tmp, mp)
-    t0 = time.time()
-    try:
-        nb = pm.execute_notebook(str(HERE.parent / "nbs/tutorials/cfipt_inspector.ipynb"), str(tmp / "out.ipynb"),
-                                 parameters=dict(N_PER_CLASS=1, MAX_TEST_PIXELS=300, OUT_DIR=str(tmp / "runs")),
-                                 kernel_name="python3", progress_bar=False, cwd=str(tmp), execution_timeout=CELL_TIMEOUT)
-    finally: mp.undo()
-    return tmp, nb, time.time() - t0
+    nb, seconds = run_tutorial("cfipt_inspector", tmp, N_PER_CLASS=1, MAX_TEST_PIXELS=300, OUT_DIR=str(tmp / "runs"))
+    return tmp, nb, seconds
 
 
 @pytest.mark.tutorial
@@ -219,21 +235,39 @@ def test_cfipt_inspector_tutorial_runs(inspector_run):
     assert any("x chance)" in "".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))   # the tutorial says so
     html = tmp / "runs" / "exports" / "cfipt_inspector.html"
     assert external_refs(html.read_text()) == [] and (tmp / "runs" / "exports" / "cfipt_psp.png").read_bytes()[:4] == b"\x89PNG"
-    widgets = [o for c in nb["cells"] for o in c.get("outputs", []) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
-    assert len(widgets) == 1                                            # the dashboard rendered as a widget
+    assert len(widget_outputs(nb)) == 1                                 # the dashboard rendered as a widget
     assert any("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))   # figures at the student steps
 
 
 @pytest.mark.tutorial
-def test_run_browser_tutorial_runs(inspector_run, tmp_path, monkeypatch):
-    import papermill as pm
-    runs = inspector_run[0] / "runs"
-    hermetic_env(tmp_path, monkeypatch)
-    nb = pm.execute_notebook(str(HERE.parent / "nbs/tutorials/run_browser.ipynb"), str(tmp_path / "out.ipynb"),
-                             parameters=dict(RUNS=str(runs), EXPORT=str(tmp_path / "report.html")), kernel_name="python3",
-                             progress_bar=False, cwd=str(tmp_path), execution_timeout=CELL_TIMEOUT)
+def test_run_browser_tutorial_runs(inspector_run, tmp_path):
+    nb, _ = run_tutorial("run_browser", tmp_path, RUNS=str(inspector_run[0] / "runs"), EXPORT=str(tmp_path / "report.html"))
     assert errors_of(nb) == []
     assert external_refs((tmp_path / "report.html").read_text()) == []
+
+
+@pytest.mark.tutorial
+def test_band_explorer_tutorial_runs(tmp_path):
+    nb, seconds = run_tutorial("band_explorer", tmp_path, EXPORT=str(tmp_path / "bands.html"))
+    assert errors_of(nb) == []
+    assert seconds < 120, f"the band explorer took {seconds:.0f} s"
+    assert len(widget_outputs(nb)) == 2                                 # band explorer and class-map explorer
+    text = outputs_text(nb)
+    veg, other = map(float, re.search(r"redness in colour infrared: vegetation ([-0-9.]+), other classes ([-0-9.]+)", text).groups())
+    assert veg > 0.2 > 0 > other, text                                  # colour infrared shows vegetation red, the rest not
+    assert float(re.search(r"OA ([0-9.]+)% on", text).group(1)) > 60, text   # the class map is worth exploring (chance 17 %)
+    assert "lidar dsm" in text and external_refs((tmp_path / "bands.html").read_text()) == []
+
+
+@pytest.mark.tutorial
+def test_cfipt_walkthrough_tutorial_runs(tmp_path):
+    "The step-by-step CF-IPT tutorial: its own cells assert that each hand-made step equals the module's, ending with forward()."
+    nb, seconds = run_tutorial("cfipt_walkthrough", tmp_path)
+    assert errors_of(nb) == []
+    assert seconds < 180, f"the walkthrough took {seconds:.0f} s; it should take about 1.5 min"
+    before, after, chance = map(int, re.search(r"test accuracy (\d+)% -> (\d+)% \(chance (\d+)%\)", outputs_text(nb)).groups())
+    assert after > max(2 * chance, before + 20), outputs_text(nb)       # the short training learned something
+    assert sum("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", [])) == 1   # one figure: P_sp / P_sa
 
 
 # (e) in a real browser --------------------------------------------------------------------------------------------------------
