@@ -2,6 +2,7 @@
 static export, the tutorials run top to bottom through papermill, and (marked `browser`) the dashboards in JupyterLab
 in headless chromium."""
 import os, re, shutil, socket, subprocess, sys, time
+from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
 import pytest
@@ -101,9 +102,8 @@ def test_big_class_map_is_downsampled_before_bokeh_and_exports_offline(tmp_path,
 
 
 def _rows(dm) -> dict:
-    "The (key, value) rows a table DynamicMap shows now."
-    t = dm[()]
-    return dict(zip(t.dimension_values("key"), t.dimension_values("value")))
+    "The (key, value) rows the pixel-text DynamicMap (an hv.Div of viz.maps.pixel_text) shows now."
+    return dict(r.split(": ", 1) for r in dm[()].data.split(" · "))
 
 
 def test_band_explorer_on_a_houston_sized_scene(tmp_path):
@@ -310,20 +310,12 @@ def _wait_idle(page, seconds: float):
     pytest.fail(f"the kernel was still busy after {seconds:.0f} s")
 
 
-@pytest.mark.browser
-def test_inspector_in_jupyterlab(inspector_run, tmp_path, monkeypatch, repo_root):
-    "Open the inspector (loading the tutorial's run) in JupyterLab, run all, check it rendered, pick another pixel, check the view changed."
-    _need_browser()
-    import papermill as pm
+@contextmanager
+def lab_notebook(work: Path, name: str, log_path: Path):
+    "JupyterLab on `work` in headless chromium with `name` open, every cell run, the kernel idle and no error shown: yields the page."
     from playwright.sync_api import sync_playwright
-    rd = next((inspector_run[0] / "runs").glob("tutorial_inspector/*/*/seed0"))
-    work = tmp_path / "lab"; work.mkdir()
-    pm.execute_notebook(str(repo_root / "nbs/tutorials/cfipt_inspector.ipynb"), str(work / "inspector.ipynb"), prepare_only=True,
-                        parameters=dict(RUN_DIR=str(rd), N_PER_CLASS=1, EXPORT=False, OUT_DIR=str(tmp_path / "o")))
-    hermetic_env(tmp_path, monkeypatch)
-    art = repo_root / "runs" / "browser_screenshots"; art.mkdir(parents=True, exist_ok=True)   # git-ignored artefacts
     port, token = _free_port(), "rs-lab-test"
-    log = open(tmp_path / "lab.log", "w")
+    log = open(log_path, "w")
     lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--allow-root",
                             f"--IdentityProvider.token={token}", "--LabApp.expose_app_in_browser=True", f"--ServerApp.root_dir={work}"],
                            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
@@ -335,7 +327,7 @@ def test_inspector_in_jupyterlab(inspector_run, tmp_path, monkeypatch, repo_root
             b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"], timeout=60000)
             try:
                 page = b.new_page(viewport={"width": 1400, "height": 1000})
-                page.goto(f"http://127.0.0.1:{port}/lab/tree/inspector.ipynb?token={token}", timeout=60000)
+                page.goto(f"http://127.0.0.1:{port}/lab/tree/{name}?token={token}", timeout=60000)
                 page.wait_for_function(f"window.jupyterapp && window.jupyterapp.shell.currentWidget && window.jupyterapp.shell.currentWidget.sessionContext"
                                        f" && window.jupyterapp.shell.currentWidget.sessionContext.session && {KERNEL} && {KERNEL}.connectionStatus === 'connected'",
                                        timeout=90000)
@@ -343,23 +335,75 @@ def test_inspector_in_jupyterlab(inspector_run, tmp_path, monkeypatch, repo_root
                 _wait_idle(page, 180)
                 errors = [t for t in page.locator(".jp-OutputArea-output").all_inner_texts() if "Traceback" in t or "Error" in t[:200]]
                 assert ok and not errors, errors[0][-800:] if errors else "run-all reported a failure"
-                sel = page.locator(".widget-dropdown select").first
-                sel.wait_for(timeout=30000)
-                page.wait_for_timeout(2500)                                            # bokeh draws after the widget appears
-                dash = page.locator(".widget-vbox").first
-                dash.scroll_into_view_if_needed()
-                before = dash.screenshot(); (art / "inspector_before.png").write_bytes(before)
-                assert _variance(before) > 100, "the dashboard area is blank"
-                sel.select_option(index=sel.locator("option").count() - 1)             # the last pixel instead of the first class
-                _wait_idle(page, 60); page.wait_for_timeout(2500)
-                after = dash.screenshot(); (art / "inspector_after.png").write_bytes(after)
-                assert _variance(after) > 100 and before != after, "choosing another pixel did not change the dashboard"
+                yield page
             finally: b.close()
     finally:
         lab.terminate()
         try: lab.wait(timeout=30)
         except subprocess.TimeoutExpired: lab.kill()
         log.close()
+
+
+def _screenshots(repo_root: Path) -> Path:
+    art = repo_root / "runs" / "browser_screenshots"; art.mkdir(parents=True, exist_ok=True)   # git-ignored artefacts
+    return art
+
+
+@pytest.mark.browser
+def test_inspector_in_jupyterlab(inspector_run, tmp_path, monkeypatch, repo_root):
+    "Open the inspector (loading the tutorial's run) in JupyterLab, run all, check it rendered, pick another pixel, check the view changed."
+    _need_browser()
+    import papermill as pm
+    rd = next((inspector_run[0] / "runs").glob("tutorial_inspector/*/*/seed0"))
+    work = tmp_path / "lab"; work.mkdir()
+    pm.execute_notebook(str(repo_root / "nbs/tutorials/cfipt_inspector.ipynb"), str(work / "inspector.ipynb"), prepare_only=True,
+                        parameters=dict(RUN_DIR=str(rd), N_PER_CLASS=1, EXPORT=False, OUT_DIR=str(tmp_path / "o")))
+    hermetic_env(tmp_path, monkeypatch)
+    art = _screenshots(repo_root)
+    with lab_notebook(work, "inspector.ipynb", tmp_path / "lab.log") as page:
+        sel = page.locator(".widget-dropdown select").first
+        sel.wait_for(timeout=30000)
+        page.wait_for_timeout(2500)                                            # bokeh draws after the widget appears
+        dash = page.locator(".widget-vbox").first
+        dash.scroll_into_view_if_needed()
+        before = dash.screenshot(); (art / "inspector_before.png").write_bytes(before)
+        assert _variance(before) > 100, "the dashboard area is blank"
+        sel.select_option(index=sel.locator("option").count() - 1)             # the last pixel instead of the first class
+        _wait_idle(page, 60); page.wait_for_timeout(2500)
+        after = dash.screenshot(); (art / "inspector_after.png").write_bytes(after)
+        assert _variance(after) > 100 and before != after, "choosing another pixel did not change the dashboard"
+
+
+def _pixel_shown(box) -> str | None:
+    "The '(row, col)' the band explorer's pixel text shows, if any."
+    hits = re.findall(r"pixel \(row, col\): (\(\d+, \d+\))", " ".join(box.get_by_text("pixel (row, col): ").all_inner_texts()))
+    return hits[0] if hits else None
+
+
+@pytest.mark.browser
+def test_band_explorer_click_in_jupyterlab(tmp_path, monkeypatch, repo_root):
+    "Run the band explorer in JupyterLab and click the composite: the Tap stream reaches the kernel and the table names the clicked pixel."
+    _need_browser()
+    import papermill as pm
+    work = tmp_path / "lab"; work.mkdir()
+    pm.execute_notebook(str(repo_root / "nbs/tutorials/band_explorer.ipynb"), str(work / "bands.ipynb"), prepare_only=True,
+                        parameters=dict(SIZE=[48, 96], SHOTS=5))
+    hermetic_env(tmp_path, monkeypatch)
+    art = _screenshots(repo_root)
+    with lab_notebook(work, "bands.ipynb", tmp_path / "lab.log") as page:
+        box = page.locator(".widget-vbox").first
+        box.scroll_into_view_if_needed(); page.wait_for_timeout(2500)          # bokeh draws after the widget appears
+        assert _pixel_shown(box) == "(24, 48)", box.inner_text()[:500]          # the centre pixel is selected first
+        canvas = box.locator("canvas").first.bounding_box()                     # the composite (first plot)
+        page.mouse.move(canvas["x"] + 0.3 * canvas["width"], canvas["y"] + 0.6 * canvas["height"]); page.wait_for_timeout(500)
+        page.mouse.down(); page.wait_for_timeout(80); page.mouse.up()           # a press and release, as a hand does (a bare click was missed once)
+        for _ in range(60):                                                     # the click goes to the kernel and back: poll
+            page.wait_for_timeout(500)
+            if (shown := _pixel_shown(box)) != "(24, 48)": break
+        (art / "band_explorer_clicked.png").write_bytes(box.screenshot())
+        assert shown not in (None, "(24, 48)"), f"the click did not select another pixel: {shown}"
+        r, c = map(int, re.findall(r"\d+", shown))
+        assert 0 <= r < 48 and 0 <= c < 96
 
 
 @pytest.mark.browser

@@ -13,7 +13,7 @@ from ..data.patches import PatchSampler
 from .core import Heat, heat_hv, hv_module
 from .attention import attention_maps, centre_gate, inspect_batch, spectral_prompt, token_attention
 from .maps import (class_map_data, class_map_hv, pixel_spectrum, spectrum_hv, FALSE_COLOURS, band_choices, nearest_bands,
-                                    false_colour, composite_hv, composite_title, pixel_at, pixel_report, pixel_table, _modality)
+                                    false_colour, composite_hv, composite_title, pixel_at, pixel_report, pixel_table, pixel_text, _modality)
 from .runs import confusion_heat, curve_data, curves_hv, load_run
 
 # %% auto #0
@@ -193,7 +193,7 @@ def pixel_views(scene: Scene, source, # the element a click selects on (a map on
     def spectrum(x, y):
         r = rep(x, y)
         return spectrum_hv(r["spectrum"], r["pred_name"], width=width, marks=marks)
-    def table(x, y): return hv.Table(pixel_table(rep(x, y)), "key", "value").opts(backend="bokeh", width=width, height=200)
+    def table(x, y): return hv.Div(pixel_text(pixel_table(rep(x, y)))).opts(backend="bokeh", width=width, height=90)
     return {"tap": tap, **{k: hv.DynamicMap(f, streams=[tap]) for k, f in (("marker", marker), ("spectrum", spectrum), ("table", table))}}
 
 # %% ../../nbs/55_viz.dashboards.ipynb #183d3aba

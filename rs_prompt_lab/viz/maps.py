@@ -16,7 +16,7 @@ from .attention import band_axis
 # %% auto #0
 __all__ = ['ERROR_COLOURS', 'FALSE_COLOURS', 'class_map_data', 'class_map_figure', 'class_map_hv', 'pixel_spectrum',
            'spectrum_figure', 'spectrum_hv', 'band_choices', 'nearest_bands', 'false_colour', 'composite_title',
-           'composite_figure', 'composite_hv', 'pixel_at', 'pixel_report', 'pixel_table']
+           'composite_figure', 'composite_hv', 'pixel_at', 'pixel_report', 'pixel_table', 'pixel_text']
 
 # %% ../../nbs/53_viz.maps.ipynb #364ccaf9
 ERROR_COLOURS = ("#000000", "#2ca02c", "#d62728")   # unlabelled, correct, wrong
@@ -87,7 +87,7 @@ def _image(hv, m: np.ndarray, k: int, title: str, vdim: str | None, element=None
 
 def class_map_hv(d: dict, width: int = 420, tools: Sequence[str] = ("hover", "tap")):
     "A HoloViews Layout of prediction / ground truth / errors with linked axes and a class-name colour bar."
-    from bokeh.models import FixedTicker
+    from bokeh.models import AllLabels, FixedTicker
     hv = hv_module()
     H, W = d["shape"]; K = max(i for i, _, _ in d["legend"])
     height = max(120, int(width * H / W))
@@ -95,7 +95,8 @@ def class_map_hv(d: dict, width: int = 420, tools: Sequence[str] = ("hover", "ta
     cmap = ["#000000"] + [cols.get(i, "#000000") for i in range(1, K + 1)]
     labels = {0: "unlabelled", **{i: f"{i} {n}" for i, n, _ in d["legend"]}}
     cls = dict(cmap=cmap, clim=(-0.5, K + 0.5), color_levels=K + 1, colorbar=True, width=width + 120, height=height,
-               colorbar_opts={"ticker": FixedTicker(ticks=list(range(K + 1))), "major_label_overrides": labels}, invert_yaxis=True, tools=list(tools))
+               colorbar_opts={"ticker": FixedTicker(ticks=list(range(K + 1))), "major_label_overrides": labels,
+                                              "major_label_policy": AllLabels(), "major_label_text_font_size": "8pt"}, invert_yaxis=True, tools=list(tools))
     panels = [_image(hv, d["pred"], d["stride"], "prediction", "class").opts(backend="bokeh", **cls)]
     if "gt" in d:
         panels.append(_image(hv, d["gt"], d["stride"], "ground truth", "class").opts(backend="bokeh", **cls))
@@ -140,7 +141,8 @@ def spectrum_hv(sp: dict, prediction: str | None = None, width: int = 420, heigh
     "A HoloViews Curve of the first modality at the pixel (hover: band coordinate and value), with `marks`."
     hv = hv_module()
     m, t = next(iter(sp["modalities"].values())), _title(sp, prediction).replace("\n", " | ")
-    c = hv.Curve((m["x"], m["values"]), m["xlabel"], m["units"] or "value").opts(backend="bokeh", width=width, height=height, tools=["hover"], title=t)
+    c = hv.Curve((m["x"], m["values"]), m["xlabel"], m["units"] or "value").opts(backend="bokeh", width=width, height=height, tools=["hover"], title=t,
+                                                                                framewise=True)   # axes follow each clicked pixel
     if not marks: return c
     return hv.Overlay([c] + [hv.VLine(float(x)).opts(backend="bokeh", color=col, line_dash="dashed") for x, col in marks]).opts(backend="bokeh", title=t)
 
@@ -195,7 +197,7 @@ def false_colour(scene: Scene, bands: Sequence[int], # (R, G, B) band indices (n
     return {"rgb": rgb, "stride": k, "shape": scene.shape, "bands": [int(b) for b in bands], "modality": m,
             "labels": [names[int(b)] for b in bands], "limits": list(zip(lo.tolist(), hi.tolist()))}
 
-def composite_title(d: dict) -> str: return "R {}, G {}, B {}".format(*d["labels"])
+def composite_title(d: dict) -> str: return "R, G, B = " + ", ".join(l.split(" (")[0] for l in d["labels"])   # 'R, G, B = 857 nm, 649 nm, 554 nm'
 
 def composite_figure(d: dict, size: float = 3.6):
     "The composite on full-resolution pixel coordinates (matplotlib)."
@@ -246,3 +248,7 @@ def pixel_table(rep: dict) -> list:
     for m, d in list(rep["spectrum"]["modalities"].items())[1:]:
         for i, v in enumerate(d["values"]): rows.append((f"{m} {d['names'][i] if d['names'] else i + 1}", f"{v:.4g}"))
     return rows
+
+def pixel_text(rows: list) -> str:
+    "'key: value · key: value ...' of (key, value) rows, plain text (see below why not HTML)."
+    return " · ".join(f"{k}: {v}" for k, v in rows)
