@@ -41,8 +41,9 @@ pytest: install
 	@mkdir -p $(HERMETIC)
 	$(BIN)/python -m pytest -q -m "not tutorial and not browser"
 
-# The dashboards (issue 11, open): tutorials through papermill and JupyterLab in headless chromium. Opt-in until the
-# inspector's intermittent papermill stall is understood; needs `apt-get install -y chromium` and `pip install playwright`.
+# The dashboards (issue 11): the four tutorials through papermill (~3.5 min on 2 cores) and JupyterLab in headless
+# chromium; opt-in for their time. The inspector's old papermill stall was a lost zmq wakeup in the client, now
+# bounded to 1 s by reproduce.polled_kernel_manager. Needs `apt-get install -y chromium` and `pip install playwright`.
 test-dashboards: install
 	@mkdir -p $(HERMETIC)
 	$(BIN)/python -m pytest -q -m "tutorial or browser" tests/test_viz.py

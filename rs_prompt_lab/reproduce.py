@@ -4,7 +4,7 @@
 
 # %% ../nbs/46_reproduce.ipynb #5c3e6d7c
 from __future__ import annotations
-import ast, base64, csv, io, itertools, json, math, os, platform, shutil, subprocess, sys, tempfile, time, tokenize
+import ast, base64, csv, functools, io, itertools, json, math, os, platform, shutil, subprocess, sys, tempfile, time, tokenize
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -17,9 +17,9 @@ from .core import (ConfigError, DataError, RSLabError, atomic_write, first_line,
 __all__ = ['log', 'GRID_KEYS', 'ENTRY_KEYS', 'REQUIRES_KEYS', 'SEED_KEYS', 'OUT_KEY', 'RESULT_COLUMNS', 'notebook_parameters',
            'make_test_notebook', 'Grid', 'parse_grid', 'load_grid', 'experiments_dir', 'resolve_notebook', 'Cell',
            'expand_grid', 'parse_shard', 'shard_cells', 'env_lock', 'git_state', 'prepare_cell', 'cell_status',
-           'run_cell', 'metrics_rows', 'launch_cell', 'reproduce', 'cell_needs', 'dry_run_report', 'find_cells',
-           'collect', 'write_results', 'report_blocks', 'render_markdown', 'render_html', 'build_report',
-           'configure_cli']
+           'run_cell', 'sliced_get', 'polled_kernel_manager', 'metrics_rows', 'launch_cell', 'reproduce', 'cell_needs',
+           'dry_run_report', 'find_cells', 'collect', 'write_results', 'report_blocks', 'render_markdown',
+           'render_html', 'build_report', 'configure_cli']
 
 # %% ../nbs/46_reproduce.ipynb #1b5a8844
 log = get_logger(__name__)
@@ -334,6 +334,36 @@ def run_cell(cell_dir, # a folder written by prepare_cell
     try: return _run_locked(cd, cfg, kernel)
     finally: lock.release()
 
+# %% ../nbs/46_reproduce.ipynb #89b52e44
+async def sliced_get(get, # async get(timeout) -> message, raising queue.Empty when nothing came in time
+                     timeout: float | None, # the caller's whole wait (None: forever)
+                     poll_s: float = 1.0, # the longest single wait
+                    ):
+    "get(timeout) in waits of at most `poll_s` s: a wakeup the poll misses costs one slice, not the caller's timeout."
+    from queue import Empty
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = poll_s if end is None else min(poll_s, max(0.0, end - time.monotonic()))
+        try: return await get(timeout=left)
+        except Empty:
+            if end is not None and time.monotonic() >= end: raise
+
+@functools.cache
+def polled_kernel_manager(poll_s: float = 1.0) -> type:
+    "An AsyncKernelManager class whose clients read the shell and IOPub channels through `sliced_get` (papermill's kernel_manager_class)."
+    from jupyter_client.asynchronous import AsyncKernelClient
+    from jupyter_client.channels import AsyncZMQSocketChannel
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import Type, default
+    class PolledChannel(AsyncZMQSocketChannel):
+        async def get_msg(self, timeout: float | None = None) -> dict: return await sliced_get(super().get_msg, timeout, poll_s)
+    class PolledKernelClient(AsyncKernelClient):
+        shell_channel_class, iopub_channel_class = Type(PolledChannel), Type(PolledChannel)
+    class PolledKernelManager(AsyncKernelManager):
+        @default("client_factory")
+        def _polled_client(self): return PolledKernelClient
+    return PolledKernelManager
+
 # %% ../nbs/46_reproduce.ipynb #419d5095
 def _run_locked(cd: Path, cfg: dict, kernel: str | None) -> int:
     for f in ("error.txt", "result.json"): (cd/f).unlink(missing_ok=True)
@@ -350,7 +380,7 @@ def _run_locked(cd: Path, cfg: dict, kernel: str | None) -> int:
         logging.getLogger("papermill").setLevel(logging.ERROR)   # its parser's 'Unable to parse line' noise: the grid was checked with ast
         if kernel is None: os.environ["JUPYTER_PATH"] = os.pathsep.join(dict.fromkeys(filter(None, [_kernel_dir(), *os.environ.get("JUPYTER_PATH", "").split(os.pathsep)])))
         pm.execute_notebook(cfg["notebook_path"], str(cd/"cell.ipynb"), parameters=cfg["inject"], kernel_name=kernel or "rs-lab-python",
-                            cwd=cfg.get("cwd") or None, progress_bar=False, log_output=False)
+                            cwd=cfg.get("cwd") or None, progress_bar=False, log_output=False, kernel_manager_class=polled_kernel_manager())
         rows = metrics_rows(cd/"out", cfg)
         if not rows: raise DataError(f"{cfg['notebook']} finished but wrote no summary.json or metrics.json with numeric metrics under OUT_DIR ({cd/'out'})")
         err = None
