@@ -39,11 +39,12 @@ nbtest: install
 
 pytest: install
 	@mkdir -p $(HERMETIC)
-	$(BIN)/python -m pytest -q -m "not tutorial and not browser"
+	$(BIN)/python -m pytest -q
 
-# The dashboards (issue 11): the four tutorials through papermill (~3.5 min on 2 cores) and JupyterLab in headless
-# chromium; opt-in for their time. The inspector's old papermill stall was a lost zmq wakeup in the client, now
-# bounded to 1 s by reproduce.polled_kernel_manager. Needs `apt-get install -y chromium` and `pip install playwright`.
+# The dashboards alone (they are part of `make test` too): the four tutorials through papermill (~3.5 min on 2 cores) and
+# JupyterLab in headless chromium. The inspector's old papermill stall was a lost zmq wakeup in the client, bounded to
+# 1 s by reproduce.polled_kernel_manager. The browser tests need Debian's chromium (`apt-get install -y chromium`) and
+# the playwright package from the dev install (never `playwright install`).
 test-dashboards: install
 	@mkdir -p $(HERMETIC)
 	$(BIN)/python -m pytest -q -m "tutorial or browser" tests/test_viz.py
