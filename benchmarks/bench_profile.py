@@ -222,6 +222,7 @@ def old_tree(rev: str, root: Path, into: Path) -> Path:
     except (subprocess.CalledProcessError, FileNotFoundError) as e:
         raise SystemExit(f"--baseline {rev}: cannot read that revision with git in {root} ({getattr(e, 'stderr', b'').decode().strip() or e}); "
                          "give a commit of this clone")
+    into.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=arc, check=True)
     return into
 
@@ -253,6 +254,14 @@ def compare(size: str, a, root: Path, figs: list) -> None:
             print(f"  {size}, {th} thread(s): eval {med('new', 'eval'):.1f} px/s vs {med('old', 'eval'):.1f} at {a.baseline} "
                   f"({med('new', 'eval') / med('old', 'eval'):.2f}x); predictions agree on {agree:.1%} of {len(lo)} pixels, max |logit diff| {dmax:.2e}")
             if agree < 1.0: raise SystemExit(f"predictions differ from {a.baseline}: {agree:.1%} agree")
+            fo, fn = runs["old"][0]["eval"]["flops_px"], runs["new"][0]["eval"]["flops_px"]
+            pk = statistics.median(x["eval"]["peak"] for x in runs["new"])
+            print(f"  {size}, {th} thread(s): FLOPs per pixel {fn / 1e9:.3f} G here vs {fo / 1e9:.3f} G at {a.baseline}; "
+                  f"executed FLOP rate {fn * med('new', 'eval') / pk:.0%} of the matmul peak here, {fo * med('old', 'eval') / statistics.median(x['eval']['peak'] for x in runs['old']):.0%} at {a.baseline}; "
+                  f"the baseline's work per pixel at this speed: {fo * med('new', 'eval') / pk:.0%} of the peak")
+            figs.append(BenchFigure(f"{size} eval, baseline's FLOPs per pixel at this speed, {th} thread(s)", fo * med("new", "eval") / 1e9, "GFLOP/s",
+                                    pk / 1e9, "matmul peak, same runs", f"{fo / 1e9:.3f} GFLOP/px at {a.baseline} x {med('new', 'eval'):.1f} px/s; "
+                                    f"executed here: {fn / 1e9:.3f} GFLOP/px = {fn * med('new', 'eval') / pk:.0%} of the peak"))
             figs.append(BenchFigure(f"{size} eval, {th} thread(s)", med("new", "eval"), "pixels/s", med("old", "eval"), f"revision {a.baseline}",
                                     f"{a.rounds} rounds in child processes; predictions agree {agree:.0%}, max |logit diff| {dmax:.1e}"))
             if a.train_steps:
