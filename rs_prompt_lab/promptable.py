@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_promptable.ipynb #17d49e61
 from __future__ import annotations
-import numbers
+import importlib.util, logging, numbers, os, shutil
 from typing import Callable, Sequence
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ from fastcore.basics import patch
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['UnsupportedBackbone', 'check_supported', 'PromptableCLIP']
+__all__ = ['UnsupportedBackbone', 'check_supported', 'PromptableCLIP', 'compiler_available']
 
 # %% ../nbs/20_promptable.ipynb #4b483f80
 class UnsupportedBackbone(ConfigError):
@@ -170,6 +170,35 @@ def insert_context(self: PromptableCLIP, embeds: torch.Tensor, # (K, L, D) token
     e = embeds.expand(B, K, L, D)
     return torch.cat([e[:, :, :start], ctx[:, None].expand(B, K, n, D), e[:, :, start + n:]], 2)  # (B, K, L, D)
 
+# %% ../nbs/20_promptable.ipynb #746fc676
+_log = logging.getLogger(__name__)
+_COMPILED: dict = {}
+
+def compiler_available(device: str | torch.device = "cpu") -> bool:
+    "True when torch.compile can build kernels for `device`: Triton for CUDA, a C++ compiler for the CPU."
+    if torch.device(device).type == "cuda": return importlib.util.find_spec("triton") is not None
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c)
+
+def _block_call(transformer: nn.Module, fn: Callable, *args):
+    "fn(*args), through torch.compile when the tower was switched on (`compile_blocks`) and no gradient is recorded."
+    if not getattr(transformer, "_rs_compiled", False) or torch.is_grad_enabled(): return fn(*args)
+    try:
+        if fn not in _COMPILED: _COMPILED[fn] = torch.compile(fn, dynamic=None)
+        return _COMPILED[fn](*args)
+    except Exception as e:                                                       # no working compiler after all: stay eager
+        _log.warning("torch.compile failed (%s); running eagerly", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        transformer._rs_compiled = False
+        return fn(*args)
+
+@patch
+def compile_blocks(self: PromptableCLIP, enable: bool = True, # True: compile the lean blocks at inference
+                  ) -> bool:
+    "Run both towers' lean blocks through torch.compile at inference; returns whether it is on (off without a compiler)."
+    on = bool(enable) and compiler_available(self.model.visual.conv1.weight.device)
+    if enable and not on: _log.warning("compile_blocks: no compiler for torch.compile on this machine; the blocks stay eager")
+    for t in (self.model.visual.transformer, self.model.transformer): t._rs_compiled = on
+    return on
+
 # %% ../nbs/20_promptable.ipynb #c74d99a2
 def _layers(idx, n: int, what: str) -> set:
     "Normalise layer indices (negative allowed) to a set in 0..n-1."
@@ -243,7 +272,7 @@ def _run_blocks(transformer: nn.Module, # an open_clip Transformer
             if start + P > x.shape[1]: raise ConfigError(f"deep prompt for layer {i} ({P} tokens from {start}) is longer than the sequence")
             x = torch.cat([x[:, :start], _expand_prompt(p.to(x.dtype), x.shape[0], K), x[:, start + P:]], 1)
         if i not in take_attn and _lean_ok(blk):                               # the lean path (batch-first throughout)
-            x = checkpoint(_lean_block, blk, x, mask, causal, use_reentrant=False) if ckpt else _lean_block(blk, x, mask, causal)
+            x = checkpoint(_lean_block, blk, x, mask, causal, use_reentrant=False) if ckpt else _block_call(transformer, _lean_block, blk, x, mask, causal)
             if i in take_tokens: toks[i] = x
             continue
         xb = x if transformer.batch_first else x.transpose(0, 1)
@@ -409,7 +438,8 @@ def encode_text_prefixed(self: PromptableCLIP, prefix: torch.Tensor, # (Lp, D) |
             xp = t[:n].view(B, Lp, D)
             xp = torch.cat([xp[:, :prompt_start], _expand_prompt(p.to(cast), B), xp[:, prompt_start + p.shape[-2]:]], 1)
             t = torch.cat([xp.reshape(n, D), t[n:]])
-        t = checkpoint(_prefix_block, blk, t, B, K, Lp, Ls, smask, use_reentrant=False) if ckpt else _prefix_block(blk, t, B, K, Lp, Ls, smask)
+        t = (checkpoint(_prefix_block, blk, t, B, K, Lp, Ls, smask, use_reentrant=False) if ckpt
+             else _block_call(m.transformer, _prefix_block, blk, t, B, K, Lp, Ls, smask))
     x = m.ln_final(t[n:].view(B, K, Ls, D)[:, torch.arange(K, device=t.device), eot - Lp])   # (B, K, D) at the end-of-text tokens
     proj = m.text_projection
     if proj is not None: x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
