@@ -17,7 +17,8 @@ then prints:
   `--rows` the whole-scene time is extrapolated from the band at the band's speed, and the output says so.
 
 `--json PATH` writes the figures (tiled vs the naive loops, peak RSS, whole-scene time, FLOP rate) for `rs-lab bench`;
-`--device cuda` runs the map on the GPU (bf16 autocast unless `--amp off`).
+`--device cuda` runs the map on the GPU (bf16 autocast unless `--amp off`); `--workers N` cuts the windows in N
+DataLoader processes (their RSS is added to the peak); `--memory-gb GB` chooses the batch size from a memory budget.
 
     python benchmarks/bench_classmap.py                 # every pixel of the 349 x 1905 scene
     python benchmarks/bench_classmap.py --rows 16       # a band of 16 rows (same scene, same padding)
@@ -34,8 +35,14 @@ K_CLASSES = 15
 
 
 def rss_gb() -> float:
+    "RSS of this process and its children (DataLoader workers), GB."
     import psutil
-    return psutil.Process().memory_info().rss / 1e9
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for c in me.children(recursive=True):
+        try: total += c.memory_info().rss
+        except psutil.Error: pass
+    return total / 1e9
 
 
 class PeakRSS:
@@ -109,7 +116,10 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=None, help="map only a band of this many rows in the middle of the scene (default: all)")
     ap.add_argument("--height", type=int, default=349); ap.add_argument("--width", type=int, default=1905)
     ap.add_argument("--patch", type=int, default=11, help="patch size p (default 11)")
-    ap.add_argument("--batch", type=int, default=256, help="pixels per forward pass (default 256)")
+    ap.add_argument("--batch", type=int, default=None, help="pixels per forward pass (default 256, or from --memory-gb)")
+    ap.add_argument("--memory-gb", type=float, default=None, help="choose the batch size from this memory budget (classmap.memory_batch_size)")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader processes cutting windows while the model runs (default 0)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the backbone's blocks (compile time included in the map's time)")
     ap.add_argument("--naive-pixels", type=int, default=1000, help="pixels for the naive loops (default 1000)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2: the 2-core target)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs (default cpu)")
@@ -120,6 +130,7 @@ def main(argv=None):
     if a.device == "cuda" and not torch.cuda.is_available(): raise SystemExit("--device cuda: CUDA is not available on this machine")
     if a.rows is not None and a.rows < 1: raise SystemExit(f"--rows must be >= 1, got {a.rows}")
     torch.set_num_threads(a.threads)
+    if a.batch is not None and a.memory_gb is not None: raise SystemExit("give --batch or --memory-gb, not both")
     amp_mode = a.amp or ("bf16" if a.device == "cuda" else "off")
     amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp_mode]
     from rs_prompt_lab.classmap import predict_scene
@@ -139,8 +150,13 @@ def main(argv=None):
     model, method_note = build_method(scene, a.patch, kw)
     model.to(a.device).eval()
     print(f"method: CF-IPT, p = {a.patch}, backbone {method_note}; trainable {sum(q.numel() for q in model.parameters() if q.requires_grad):,} params; "
-          f"torch threads {torch.get_num_threads()}, device {a.device}, amp {amp_mode}, batch {a.batch}")
+          f"torch threads {torch.get_num_threads()}, device {a.device}, amp {amp_mode}, DataLoader workers {a.workers}, compile {a.compile}")
     fpx = flop_rate(model, scene, norms, a.patch, a.device, amp)
+    if a.memory_gb is not None:
+        from rs_prompt_lab.classmap import memory_batch_size
+        a.batch = memory_batch_size(model, scene, a.patch, a.memory_gb, a.device, normalizers=norms, amp=amp_mode, in_flight=1 + 2 * a.workers)
+        print(f"batch size {a.batch} from a memory budget of {a.memory_gb:g} GB")
+    elif a.batch is None: a.batch = 256
     pdt = torch.bfloat16 if a.device == "cuda" else torch.float32
 
     mask, where = None, "whole scene"
@@ -153,7 +169,7 @@ def main(argv=None):
     before = rss_gb()
     with PeakRSS() as peak:
         t0 = time.perf_counter()
-        pred = predict_scene(model, scene, a.patch, a.batch, a.device, normalizers=norms, mask=mask, progress=True, amp=amp_mode)
+        pred = predict_scene(model, scene, a.patch, a.batch, a.device, normalizers=norms, mask=mask, progress=True, amp=amp_mode, workers=a.workers, compile=a.compile)
         dt = time.perf_counter() - t0
     peaks.append(matmul_peak(device=a.device, dtype=pdt))
     mpk = statistics.median(peaks)
@@ -184,9 +200,9 @@ def main(argv=None):
                 BenchFigure("tiled class map vs naive loop, batched", pps, "pixels/s", len(rc) / sb, f"per-pixel cut, batches of {a.batch}",
                             f"predictions agree on {ab:.1%}"),
                 BenchFigure("peak RSS during the class map", peak.peak, "GB", before, "RSS before the map (the scene and the model)",
-                            f"limit {LIMIT_GB:.1f} GB: {flag}"),
+                            f"limit {LIMIT_GB:.1f} GB: {flag}; batch {a.batch}" + (f", {a.workers} workers included" if a.workers else "")),
                 BenchFigure("whole-scene class map time", whole_min, "min", bound_min, "FLOP-bound limit at the matmul peak",
-                            f"{H} x {W}, {how}; {a.threads} thread(s), batch {a.batch}"),
+                            f"{H} x {W}, {how}; {a.threads} thread(s), batch {a.batch}, {a.workers} worker(s)" + (", compiled (compile time included)" if a.compile else "")),
                 BenchFigure("class map FLOP rate", pps * fpx / 1e9, "GFLOP/s", mpk / 1e9, "matmul peak, same process" + (" (bf16)" if a.device == "cuda" else ""),
                             f"{fpx / 1e9:.3f} GFLOP/pixel, {a.threads} thread(s)")]
         write_figures(a.json, "classmap", figs, a.device, rows=a.rows, batch=a.batch, threads=a.threads, scene=scene_note,

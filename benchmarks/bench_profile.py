@@ -18,7 +18,9 @@ For each size it prints
    achieved FLOP rate as % of the matmul peak (1024^3 fp32 matmul; bf16 on CUDA) measured in the same process at the
    same thread count, interleaved with the timed batches (one peak measurement after each batch, medians of both), on
    each of `--threads`;
-3. training: forward + loss + backward + AdamW step, pixels/s.
+3. training: forward + loss + backward + AdamW step, pixels/s;
+4. with `--compile`, eval again with the transformer blocks through `torch.compile` (`PromptableCLIP.compile_blocks`),
+   against the eager figure of the same process, predictions checked.
 
 `--baseline REV` also builds the package as it was at git revision REV (`git archive` into a scratch folder) and runs
 eval and training there and here, each in a fresh child process of this script, alternating `--rounds` times
@@ -222,6 +224,7 @@ def old_tree(rev: str, root: Path, into: Path) -> Path:
     except (subprocess.CalledProcessError, FileNotFoundError) as e:
         raise SystemExit(f"--baseline {rev}: cannot read that revision with git in {root} ({getattr(e, 'stderr', b'').decode().strip() or e}); "
                          "give a commit of this clone")
+    into.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=arc, check=True)
     return into
 
@@ -253,6 +256,14 @@ def compare(size: str, a, root: Path, figs: list) -> None:
             print(f"  {size}, {th} thread(s): eval {med('new', 'eval'):.1f} px/s vs {med('old', 'eval'):.1f} at {a.baseline} "
                   f"({med('new', 'eval') / med('old', 'eval'):.2f}x); predictions agree on {agree:.1%} of {len(lo)} pixels, max |logit diff| {dmax:.2e}")
             if agree < 1.0: raise SystemExit(f"predictions differ from {a.baseline}: {agree:.1%} agree")
+            fo, fn = runs["old"][0]["eval"]["flops_px"], runs["new"][0]["eval"]["flops_px"]
+            pk = statistics.median(x["eval"]["peak"] for x in runs["new"])
+            print(f"  {size}, {th} thread(s): FLOPs per pixel {fn / 1e9:.3f} G here vs {fo / 1e9:.3f} G at {a.baseline}; "
+                  f"executed FLOP rate {fn * med('new', 'eval') / pk:.0%} of the matmul peak here, {fo * med('old', 'eval') / statistics.median(x['eval']['peak'] for x in runs['old']):.0%} at {a.baseline}; "
+                  f"the baseline's work per pixel at this speed: {fo * med('new', 'eval') / pk:.0%} of the peak")
+            figs.append(BenchFigure(f"{size} eval, baseline's FLOPs per pixel at this speed, {th} thread(s)", fo * med("new", "eval") / 1e9, "GFLOP/s",
+                                    pk / 1e9, "matmul peak, same runs", f"{fo / 1e9:.3f} GFLOP/px at {a.baseline} x {med('new', 'eval'):.1f} px/s; "
+                                    f"executed here: {fn / 1e9:.3f} GFLOP/px = {fn * med('new', 'eval') / pk:.0%} of the peak"))
             figs.append(BenchFigure(f"{size} eval, {th} thread(s)", med("new", "eval"), "pixels/s", med("old", "eval"), f"revision {a.baseline}",
                                     f"{a.rounds} rounds in child processes; predictions agree {agree:.0%}, max |logit diff| {dmax:.1e}"))
             if a.train_steps:
@@ -272,6 +283,7 @@ def main(argv=None):
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="torch CPU thread counts for eval (default 1 2)")
     ap.add_argument("--batches", type=int, default=3, help="timed batches per measurement (default 3)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-component profile")
+    ap.add_argument("--compile", action="store_true", help="also time eval with the blocks through torch.compile (PromptableCLIP.compile_blocks)")
     ap.add_argument("--train-steps", type=int, default=20, help="training steps timed (and compared with --baseline; default 20; 0: none)")
     ap.add_argument("--baseline", default=None, metavar="REV", help="also run the package at git revision REV and print new/old ratios")
     ap.add_argument("--rounds", type=int, default=2, help="alternating old/new child runs with --baseline (default 2)")
@@ -313,6 +325,18 @@ def main(argv=None):
             figs.append(BenchFigure(f"{size} eval FLOP rate, {th} thread(s)", e["achieved"] / 1e9, "GFLOP/s", e["peak"] / 1e9,
                                     "matmul peak, same process" + (" (bf16)" if a.device == "cuda" else ""),
                                     f"{e['px_s']:.1f} px/s, {e['flops_px'] / 1e9:.3f} GFLOP/px" + (f"; target >= {tgt:.0%}" if tgt else "")))
+            if a.compile and hasattr(m.clip, "compile_blocks"):
+                if not m.clip.compile_blocks(True): print("  --compile: no compiler for torch.compile here; skipped")
+                else:
+                    t0 = time.perf_counter(); c = eval_rate(m, make_batch(cfg["eval_batch"], 7, a.device), a.batches, a.device); m.clip.compile_blocks(False)
+                    lc, le = torch.tensor(c["logits"]), torch.tensor(e["logits"])
+                    agree = float((lc.argmax(1) == le.argmax(1)).float().mean())
+                    print(f"{size} eval with torch.compile, {th} thread(s): {c['px_s']:.1f} px/s ({c['px_s'] / e['px_s']:.2f}x eager) = "
+                          f"{c['flops_px'] * c['px_s'] / c['peak']:.0%} of the matmul peak; predictions agree with eager on {agree:.0%}, "
+                          f"max |logit diff| {float((lc - le).abs().max()):.1e}; compile + timing {time.perf_counter() - t0:.0f} s", flush=True)
+                    if agree < 1.0: raise SystemExit("torch.compile changed predictions")
+                    figs.append(BenchFigure(f"{size} eval with torch.compile, {th} thread(s)", c["px_s"], "pixels/s", e["px_s"], "eager, same process",
+                                            f"{c['flops_px'] * c['px_s'] / c['peak']:.0%} of the matmul peak; predictions agree {agree:.0%}"))
         if a.train_steps and not a.baseline:
             torch.set_num_threads(a.threads[0])
             m, _ = build(size, a.device)

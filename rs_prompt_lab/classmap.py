@@ -9,6 +9,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+import hashlib, math, numbers, weakref
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from .core import ConfigError, DataError, atomic_path, get_device, get_logger
 from .data.scene import Scene
 from .data.patches import SceneTiler
@@ -16,15 +19,16 @@ from .train import resolve_amp
 from .records import logits_of, class_id_names
 
 # %% auto #0
-__all__ = ['log', 'predict_scene', 'class_palette', 'colorize', 'save_classmap', 'render_classmap']
+__all__ = ['log', 'activation_bytes', 'check_memory_gb', 'memory_batch_size', 'predict_scene', 'class_palette', 'colorize',
+           'save_classmap', 'render_classmap']
 
 # %% ../nbs/42_classmap.ipynb #5bfe52a0
 log = get_logger(__name__)
 
 def _batch_to_torch(b: dict, modalities: Sequence[str], device: torch.device) -> dict:
     "Modality windows (B, C, p, p) and 'rc' (B, 2) of a tiler batch as tensors on `device`."
-    out = {m: torch.from_numpy(b[m]).to(device, non_blocking=True) for m in modalities}  # each (B, C, p, p)
-    out["rc"] = torch.from_numpy(b["rc"]).to(device)                                     # (B, 2)
+    out = {m: torch.as_tensor(b[m]).to(device, non_blocking=True) for m in modalities}   # each (B, C, p, p); numpy or a loader's tensors
+    out["rc"] = torch.as_tensor(b["rc"]).to(device)                                      # (B, 2)
     return out
 
 def _check_logits(logits, n: int, n_classes: int | None) -> torch.Tensor:
@@ -36,39 +40,174 @@ def _check_logits(logits, n: int, n_classes: int | None) -> torch.Tensor:
                         "was it trained on this dataset?")
     return logits
 
+# %% ../nbs/42_classmap.ipynb #39c923aa
+class _LiveBytes(TorchDispatchMode):
+    "Peak bytes of the tensor storages allocated (and still alive) while the mode is active; inputs and weights not counted."
+    def __init__(self):
+        super().__init__(); self.live = self.peak = 0; self._refs = {}
+
+    def _free(self, key: int, n: int):
+        if self._refs.pop(key, None) is not None: self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.layout == torch.strided}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.layout != torch.strided: continue
+            st = t.untyped_storage(); k = id(st)
+            if k in ins or k in self._refs: continue                               # a view of an input, or already counted
+            n = st.nbytes(); self.live += n; self.peak = max(self.peak, self.live)
+            self._refs[k] = weakref.ref(st, lambda _, k=k, n=n: self._free(k, n))  # storages are kept per object: freed -> callback
+        return out
+
+def activation_bytes(fn, *args, **kwargs) -> int:
+    "Peak live bytes of the tensors `fn(*args, **kwargs)` allocates (counted at the dispatcher; see above)."
+    with _LiveBytes() as c: fn(*args, **kwargs)
+    return int(c.peak)
+
+# %% ../nbs/42_classmap.ipynb #b81b02cd
+def check_memory_gb(memory_gb) -> float:
+    "A memory budget in GB as a float, or a ConfigError naming the value."
+    if isinstance(memory_gb, bool) or not isinstance(memory_gb, numbers.Real) or not math.isfinite(memory_gb) or memory_gb <= 0:
+        raise ConfigError(f"--memory-gb must be a positive number of GB (e.g. 2), got {memory_gb!r}")
+    return float(memory_gb)
+
+def memory_batch_size(model: nn.Module, scene: Scene, patch_size: int, # the model and the map it will draw
+                      memory_gb: float, # the budget (GB) for activations and windows
+                      device: str | torch.device = "cpu", modalities: Sequence[str] | None = None, normalizers: Mapping | None = None,
+                      amp: str = "off", # autocast mode of the map
+                      in_flight: int = 1, # batches of windows held at once (1 + 2 per DataLoader worker)
+                      max_batch: int = 4096, # upper bound
+                     ) -> int:
+    "The largest batch size (1..max_batch) whose activations and windows fit `memory_gb`, from two probe forwards."
+    budget, device = check_memory_gb(memory_gb) * 1e9, device if isinstance(device, torch.device) else get_device(device)
+    mods, dtype = list(scene.modalities) if modalities is None else list(modalities), resolve_amp(amp, device)
+    tiler = SceneTiler(scene, patch_size, 12, mods, normalizers=normalizers)
+    b, was = tiler[0], model.training
+    ns = (max(1, len(b["rc"]) // 3), len(b["rc"]))                               # 4 and 12 pixels
+    model.to(device).eval()
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            if hasattr(model, "prepare_inference"): model.prepare_inference()
+            peak = [activation_bytes(model, _batch_to_torch({k: v[:n] for k, v in b.items()}, mods, device)) for n in ns]
+    finally: model.train(was)
+    per = max((peak[1] - peak[0]) / (ns[1] - ns[0]), 1.0) if ns[1] > ns[0] else max(peak[1], 1.0)
+    fixed = max(peak[0] - per * ns[0], 0.0)
+    per += sum(scene.n_bands(m) for m in mods) * patch_size ** 2 * 4 * max(1, int(in_flight))   # float32 windows
+    n = int((budget - fixed) // per)
+    if n < 1: raise ConfigError(f"--memory-gb {memory_gb:g}: one pixel of this model needs ~{(fixed + per) / 1e9:.3g} GB "
+                                f"({fixed / 1e9:.3g} GB fixed + {per / 1e9:.3g} GB per pixel); raise --memory-gb")
+    return min(n, int(max_batch))
+
+# %% ../nbs/42_classmap.ipynb #e972ee9f
+def _map_key(model: nn.Module, scene: Scene, patch_size: int, mods: list, normalizers, mask, amp: str, extra: str) -> str:
+    "A hash of everything that decides a class map (the batch size does not)."
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((type(model).__name__, scene.name, scene.shape, patch_size, mods, amp, extra)).encode())
+    for k, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous(); h.update(f"{k}{tuple(t.shape)}{t.dtype}".encode()); h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for k in mods:
+        x = np.ascontiguousarray(scene.modalities[k]); h.update(f"{k}{x.shape}{x.dtype}".encode()); h.update(memoryview(x).cast("B"))
+        n = (normalizers or {}).get(k)
+        if n is not None: h.update(repr((n.method, np.asarray(n.offset).tolist(), np.asarray(n.scale).tolist())).encode())
+    h.update(b"all" if mask is None else np.packbits(np.asarray(mask, bool)).tobytes())
+    return h.hexdigest()
+
+def _load_partial(path: Path, key: str, shape: tuple) -> tuple:
+    "(map, finished rows) from a partial file with this key; (zeros, none) when there is none or it is another map's."
+    pred, done = np.zeros(shape, np.int16), np.zeros(shape[0], bool)
+    if not path.exists(): return pred, done
+    try:
+        with np.load(path) as z: k, p, d = str(z["key"]), z["pred"], z["done"]
+    except Exception as e: log.warning("%s: not a readable partial class map (%s); starting over", path, e); return pred, done
+    if k != key or p.shape != shape or d.shape != (shape[0],):
+        log.info("%s is the partial map of another model, scene or setting; starting over", path); return pred, done
+    log.info("%s: resuming, %d of %d rows done", path, int(d.sum()), shape[0])
+    return p.astype(np.int16), d.astype(bool)
+
+def _save_partial(path: Path, key: str, pred: np.ndarray, done: np.ndarray) -> None:
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f: np.savez(f, key=np.array(key), pred=pred, done=done)
+
+# %% ../nbs/42_classmap.ipynb #9c4abe7a
+def _predict_into(pred: np.ndarray, model, scene, patch_size, batch_size, device, dtype, mods, normalizers, todo, progress, workers,
+                  n_classes, saving: tuple | None):
+    "Predict the pixels of `todo` into `pred`; with `saving` = (file, key, every), write the partial map as rows finish."
+    tiler = SceneTiler(scene, patch_size, batch_size, mods, mask=todo, normalizers=normalizers)
+    batches = tiler if workers == 0 else tiler.dataloader(workers, pin_memory=device.type == "cuda")
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, total=len(tiler), desc=f"class map of {scene.name}", unit="batch")
+    left = np.bincount(tiler.rc[:, 0], minlength=scene.shape[0])                  # pixels still to predict, per row
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        with torch.inference_mode():
+            if hasattr(model, "prepare_inference"): model.prepare_inference()
+            for i, b in enumerate(batches, 1):
+                rc = np.asarray(b["rc"])
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    logits = _check_logits(logits_of(model(_batch_to_torch(b, tiler.modalities, device))), len(rc), n_classes)
+                pred[rc[:, 0], rc[:, 1]] = logits.float().argmax(1).cpu().numpy().astype(np.int16) + 1   # (B,) class ids
+                left -= np.bincount(rc[:, 0], minlength=len(left))
+                if saving is not None and i % saving[2] == 0: _save_partial(saving[0], saving[1], pred, left == 0)
+    except BaseException:
+        if saving is not None: _save_partial(saving[0], saving[1], pred, left == 0); log.info("partial class map kept in %s", saving[0])
+        raise
+    finally:
+        model.train(was_training)
+    log.info("class map of %s: %d pixels predicted", scene.name, len(tiler.rc))
+
 # %% ../nbs/42_classmap.ipynb #3daef042
 def predict_scene(model: nn.Module, # forward(batch dict) -> (B, K) logits
                   scene: Scene, # the scene to map
                   patch_size: int, # odd window size the model was trained with
-                  batch_size: int = 256, # pixels per forward pass (bounds memory)
+                  batch_size: int | None = None, # pixels per forward pass (bounds memory; default 256, or from memory_gb)
                   device: str | torch.device = "auto", # where to run the model
                   modalities: Sequence[str] | None = None, # modalities the model reads (default: all)
                   normalizers: Mapping | None = None, # {modality: fitted BandNormalizer}, as in training
                   mask: np.ndarray | None = None, # (H, W) bool: predict only these pixels (default: all)
                   progress: bool = True, # tqdm bar over the batches
                   amp: str = "off", # autocast mode ('off', 'bf16', 'fp16', 'auto'), see train.resolve_amp
+                  memory_gb: float | None = None, # choose the batch size from this budget (memory_batch_size)
+                  workers: int = 0, # DataLoader worker processes cutting windows ahead (0: in this process)
+                  resume: str | Path | None = None, # partial-map file (.npz): finished rows are kept across interrupted calls
+                  resume_key: str = "", # what else identifies the map (e.g. a run's configuration)
+                  save_every: int = 20, # batches between two writes of the partial map
+                  compile: bool = False, # torch.compile the backbone's blocks (PromptableCLIP.compile_blocks; off without a compiler)
                  ) -> np.ndarray:
     "(H, W) int16 map of predicted class ids (1..K; 0 outside `mask`), by tiled inference over the scene."
     device = device if isinstance(device, torch.device) else get_device(device)
-    dtype = resolve_amp(amp, device)
-    mods = list(scene.modalities) if modalities is None else list(modalities)
-    tiler = SceneTiler(scene, patch_size, batch_size, mods, mask=mask, progress=progress, normalizers=normalizers)
+    dtype, mods = resolve_amp(amp, device), list(scene.modalities) if modalities is None else list(modalities)
+    if batch_size is not None and memory_gb is not None: raise ConfigError("give a batch size or a memory budget (--memory-gb), not both")
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 0:
+        raise ConfigError(f"workers must be an integer >= 0 (DataLoader processes; 0: none), got {workers!r}")
+    if isinstance(save_every, bool) or not isinstance(save_every, numbers.Integral) or save_every < 1:
+        raise ConfigError(f"save_every must be an integer >= 1 (batches), got {save_every!r}")
+    if mask is not None and np.shape(mask) != scene.shape: raise DataError(f"pixel mask has shape {np.shape(mask)}, scene is {scene.shape}")
     n_classes = max(scene.class_names) if scene.class_names else None
     if n_classes is not None and n_classes > np.iinfo(np.int16).max: raise DataError(f"{n_classes} classes do not fit an int16 map")
-    pred = np.zeros(scene.shape, np.int16)  # (H, W)
-    was_training = model.training
-    model.to(device).eval()
-    try:
-        with torch.inference_mode():
-            if hasattr(model, "prepare_inference"): model.prepare_inference()
-            for b in tiler:
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    logits = _check_logits(logits_of(model(_batch_to_torch(b, tiler.modalities, device))), len(b["rc"]), n_classes)
-                ids = logits.float().argmax(1).cpu().numpy().astype(np.int16) + 1  # (B,)
-                pred[b["rc"][:, 0], b["rc"][:, 1]] = ids
-    finally:
-        model.train(was_training)
-    log.info("class map of %s: %d pixels predicted", scene.name, len(tiler.rc))
+    todo = np.ones(scene.shape, bool) if mask is None else np.array(mask, bool)      # a copy: the caller's mask is not touched
+    pred, done = np.zeros(scene.shape, np.int16), np.zeros(scene.shape[0], bool)   # (H, W), finished rows (H,)
+    if resume is not None:
+        resume = Path(resume)
+        if resume.suffix != ".npz": raise ConfigError(f"{resume}: the partial class map is an .npz file; use a .npz file name")
+        key = _map_key(model, scene, patch_size, mods, normalizers, mask, str(amp), resume_key)
+        pred, done = _load_partial(resume, key, scene.shape)
+        todo &= ~done[:, None]
+    if todo.any():
+        if memory_gb is not None:
+            batch_size = memory_batch_size(model, scene, patch_size, memory_gb, device, mods, normalizers, amp, in_flight=1 + 2 * int(workers))
+            log.info("batch size %d from a memory budget of %g GB", batch_size, memory_gb)
+        from rs_prompt_lab.promptable import PromptableCLIP
+        towers = [m for m in model.modules() if isinstance(m, PromptableCLIP)] if compile else []
+        try:
+            for t in towers: t.compile_blocks(True)
+            _predict_into(pred, model, scene, patch_size, 256 if batch_size is None else batch_size, device, dtype, mods, normalizers, todo,
+                          progress, int(workers), n_classes, (resume, key, save_every) if resume is not None else None)
+        finally:
+            for t in towers: t.compile_blocks(False)
+    if resume is not None: resume.unlink(missing_ok=True)          # complete: nothing to resume
     return pred
 
 # %% ../nbs/42_classmap.ipynb #0613c665

@@ -4,7 +4,7 @@
 
 # %% ../nbs/44_experiment.ipynb #8d645ce7
 from __future__ import annotations
-import hashlib, itertools, math, re, time
+import hashlib, itertools, json, math, re, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -493,9 +493,15 @@ def classmap_from_run(run_dir, # a seed folder (or a configuration folder: its l
                       batch_size: int | None = None, # pixels per forward pass (default: cfg.eval_batch_size)
                       root: str | None = None, # dataset folder, if it moved since training
                       progress: bool = True, # tqdm bar
+                      memory_gb: float | None = None, # batch size from this memory budget (GB) instead of eval_batch_size
+                      workers: int = 0, # DataLoader processes cutting windows while the model runs
+                      resume: bool = True, # keep finished rows in classmap.partial.npz and continue from them
+                      compile: bool = False, # torch.compile the backbone's blocks (a whole scene repays the compile time)
                      ) -> dict:
     "Whole-scene class map of a trained run: {'pred', 'figure', 'png', 'npy', 'test_oa'}."
-    from rs_prompt_lab.classmap import predict_scene, render_classmap, save_classmap
+    from rs_prompt_lab.classmap import predict_scene, render_classmap, save_classmap, check_memory_gb
+    if memory_gb is not None: check_memory_gb(memory_gb)
+    if memory_gb is not None and batch_size is not None: raise ConfigError("give --batch-size or --memory-gb, not both")
     rd = find_run_dir(run_dir)
     png = Path(out) if out is not None else rd/"classmap.png"
     if png.suffix.lower() != ".png": raise ConfigError(f"{png}: the class map is written as PNG; give a .png file name")  # before any inference
@@ -520,8 +526,11 @@ def classmap_from_run(run_dir, # a seed folder (or a configuration folder: its l
         raise DataError(f"{cfg.dataset}: the data differs from what the run at {rd} was trained on (data hash {was_hash} -> "
                         f"{now_hash}); point --root at the data it was trained on")
     model = load_run_model(rd, cfg, seed, scene)
-    pred = predict_scene(model, scene, cfg.patch_size, batch_size or cfg.eval_batch_size, device,
-                         normalizers=load_normalizers(rd/"normalizers.json"), progress=progress, amp=cfg.amp)
+    partial = png.with_name(png.stem + ".partial.npz")
+    pred = predict_scene(model, scene, cfg.patch_size, None if memory_gb is not None else batch_size or cfg.eval_batch_size, device,
+                         normalizers=load_normalizers(rd/"normalizers.json"), progress=progress, amp=cfg.amp, memory_gb=memory_gb,
+                         workers=workers, resume=partial if resume else None, resume_key=json.dumps({"cfg": c["cfg"], "seed": seed}, sort_keys=True),
+                         compile=compile)
     fig = render_classmap(pred, scene.class_names, gt=scene.labels, path=png, title=f"{cfg.method} ({cfg.backbone}), {cfg.dataset_name}, seed {seed}")
     npy = save_classmap(pred, png.with_suffix(".npy"))
     te = load_split_rc(rd)["test"]

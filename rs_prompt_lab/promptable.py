@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_promptable.ipynb #17d49e61
 from __future__ import annotations
-import numbers
+import importlib.util, logging, numbers, os, shutil
 from typing import Callable, Sequence
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ from fastcore.basics import patch
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['UnsupportedBackbone', 'check_supported', 'PromptableCLIP']
+__all__ = ['UnsupportedBackbone', 'check_supported', 'PromptableCLIP', 'compiler_available']
 
 # %% ../nbs/20_promptable.ipynb #4b483f80
 class UnsupportedBackbone(ConfigError):
@@ -170,6 +170,35 @@ def insert_context(self: PromptableCLIP, embeds: torch.Tensor, # (K, L, D) token
     e = embeds.expand(B, K, L, D)
     return torch.cat([e[:, :, :start], ctx[:, None].expand(B, K, n, D), e[:, :, start + n:]], 2)  # (B, K, L, D)
 
+# %% ../nbs/20_promptable.ipynb #746fc676
+_log = logging.getLogger(__name__)
+_COMPILED: dict = {}
+
+def compiler_available(device: str | torch.device = "cpu") -> bool:
+    "True when torch.compile can build kernels for `device`: Triton for CUDA, a C++ compiler for the CPU."
+    if torch.device(device).type == "cuda": return importlib.util.find_spec("triton") is not None
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c)
+
+def _block_call(transformer: nn.Module, fn: Callable, *args):
+    "fn(*args), through torch.compile when the tower was switched on (`compile_blocks`) and no gradient is recorded."
+    if not getattr(transformer, "_rs_compiled", False) or torch.is_grad_enabled(): return fn(*args)
+    try:
+        if fn not in _COMPILED: _COMPILED[fn] = torch.compile(fn, dynamic=None)
+        return _COMPILED[fn](*args)
+    except Exception as e:                                                       # no working compiler after all: stay eager
+        _log.warning("torch.compile failed (%s); running eagerly", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        transformer._rs_compiled = False
+        return fn(*args)
+
+@patch
+def compile_blocks(self: PromptableCLIP, enable: bool = True, # True: compile the lean blocks at inference
+                  ) -> bool:
+    "Run both towers' lean blocks through torch.compile at inference; returns whether it is on (off without a compiler)."
+    on = bool(enable) and compiler_available(self.model.visual.conv1.weight.device)
+    if enable and not on: _log.warning("compile_blocks: no compiler for torch.compile on this machine; the blocks stay eager")
+    for t in (self.model.visual.transformer, self.model.transformer): t._rs_compiled = on
+    return on
+
 # %% ../nbs/20_promptable.ipynb #c74d99a2
 def _layers(idx, n: int, what: str) -> set:
     "Normalise layer indices (negative allowed) to a set in 0..n-1."
@@ -186,6 +215,29 @@ def _expand_prompt(p: torch.Tensor, N: int, K: int = 1) -> torch.Tensor:
     if p.shape[0] == N: return p
     if K > 1 and p.shape[0] * K == N: return p.repeat_interleave(K, 0)
     raise ConfigError(f"prompt batch size {p.shape[0]} matches neither the {N} sequences nor {N // K} images")
+
+def _lean_ok(blk: nn.Module) -> bool:
+    "True for a plain ResidualAttentionBlock: packed-qkv nn.MultiheadAttention self-attention, no attention dropout in training."
+    a = getattr(blk, "attn", None)
+    return (type(blk) is ResidualAttentionBlock and isinstance(a, nn.MultiheadAttention) and a._qkv_same_embed_dim
+            and a.bias_k is None and not a.add_zero_attn and not hasattr(blk, "ln_1_kv") and (a.dropout == 0 or not a.training))
+
+def _is_causal(mask: torch.Tensor | None) -> bool:
+    "True when the additive (L, L) mask is the causal one (0 on and below the diagonal, -inf above)."
+    if mask is None or mask.ndim != 2 or mask.shape[0] != mask.shape[1]: return False
+    return bool(torch.equal(mask, torch.full_like(mask, float("-inf")).triu(1)))
+
+def _heads(qkv: torch.Tensor, N: int, L: int, h: int) -> tuple:
+    "Packed projections (N*L, 3D) or (N, L, 3D) -> views q, k, v, each (N, h, L, D/h)."
+    return qkv.view(N, L, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+def _lean_block(blk: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    "One ResidualAttentionBlock step on batch-first (N, L, D), from its parts (see above)."
+    a, (N, L, D) = blk.attn, x.shape
+    q, k, v = _heads(F.linear(blk.ln_1(x), a.in_proj_weight, a.in_proj_bias), N, L, a.num_heads)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal)   # (N, h, L, D/h)
+    x = x + blk.ls_1(a.out_proj(o.transpose(1, 2).reshape(N, L, D)))
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
 def _block_with_attn(blk: nn.Module, x: torch.Tensor, mask: torch.Tensor | None):
     "One ResidualAttentionBlock step that also returns per-head attention weights."
@@ -209,7 +261,7 @@ def _run_blocks(transformer: nn.Module, # an open_clip Transformer
     if deep is not None and len(deep) > len(blocks):
         raise ConfigError(f"{len(deep)} deep prompts for a tower with {len(blocks)} layers")
     mask = mask.to(x.dtype) if mask is not None else None
-    toks, attn = {}, {}
+    causal, toks, attn = _is_causal(mask), {}, {}
     ckpt = getattr(transformer, "grad_checkpointing", False) and torch.is_grad_enabled()
     for i, blk in enumerate(blocks):
         p = deep[i] if deep is not None and i < len(deep) else None
@@ -219,6 +271,10 @@ def _run_blocks(transformer: nn.Module, # an open_clip Transformer
                 raise ConfigError(f"deep prompt for layer {i} has {P} tokens but the sequence has {n_slots} prompt slots")
             if start + P > x.shape[1]: raise ConfigError(f"deep prompt for layer {i} ({P} tokens from {start}) is longer than the sequence")
             x = torch.cat([x[:, :start], _expand_prompt(p.to(x.dtype), x.shape[0], K), x[:, start + P:]], 1)
+        if i not in take_attn and _lean_ok(blk):                               # the lean path (batch-first throughout)
+            x = checkpoint(_lean_block, blk, x, mask, causal, use_reentrant=False) if ckpt else _block_call(transformer, _lean_block, blk, x, mask, causal)
+            if i in take_tokens: toks[i] = x
+            continue
         xb = x if transformer.batch_first else x.transpose(0, 1)
         if i in take_attn: xb, attn[i] = _block_with_attn(blk, xb, mask)
         elif ckpt: xb = checkpoint(blk, xb, attn_mask=mask, use_reentrant=False)
@@ -327,6 +383,67 @@ def encode_text(self: PromptableCLIP, text, # strings or token ids (N, L)
     tokens = self.tokenize(text) if isinstance(text, str) or (isinstance(text, (list, tuple)) and text and isinstance(text[0], str)) else text
     return self.encode_text_embeddings(self.token_embedding(tokens), self.eot_index(tokens), deep_prompts, prompt_start,
                                        return_tokens, return_attn, normalize)
+
+# %% ../nbs/20_promptable.ipynb #e5622f8e
+@patch
+def prefix_length(self: PromptableCLIP, tokens: torch.Tensor, # (K, L) token ids of K prompts
+                 ) -> int:
+    "Leading positions every row of `tokens` shares, capped before the first pooling position (0 for K < 2)."
+    if tokens.ndim != 2 or tokens.shape[0] < 2: return 0
+    n = int((tokens == tokens[:1]).all(0).int().cumprod(0).sum())
+    return min(n, int(self.eot_index(tokens).min()))
+
+def _prefix_block(blk: nn.Module, t: torch.Tensor, # packed tokens: B*Lp prefix rows, then B*K*Ls suffix rows
+                  B: int, K: int, Lp: int, Ls: int, smask: torch.Tensor, # smask: (Ls, Lp + Ls) rows of the causal mask
+                 ) -> torch.Tensor:
+    "One lean block step on packed prefix + suffix tokens; the suffixes of image b attend to prefix b."
+    a, D, n = blk.attn, t.shape[-1], B * Lp
+    qkv = F.linear(blk.ln_1(t), a.in_proj_weight, a.in_proj_bias)                 # (T, 3D): one GEMM
+    qp, kp, vp = _heads(qkv[:n], B, Lp, a.num_heads)                                # (B, h, Lp, d)
+    qs, ks, vs = _heads(qkv[n:], B * K, Ls, a.num_heads)                            # (B*K, h, Ls, d)
+    op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+    rep = lambda z: z[:, None].expand(B, K, *z.shape[1:]).reshape(B * K, *z.shape[1:])   # prefix keys/values per class
+    os_ = F.scaled_dot_product_attention(qs, torch.cat([rep(kp), ks], 2), torch.cat([rep(vp), vs], 2), attn_mask=smask)
+    t = t + blk.ls_1(a.out_proj(torch.cat([op.transpose(1, 2).reshape(n, D), os_.transpose(1, 2).reshape(-1, D)])))
+    return t + blk.ls_2(blk.mlp(blk.ln_2(t)))
+
+# %% ../nbs/20_promptable.ipynb #5d745ea4
+@patch
+def encode_text_prefixed(self: PromptableCLIP, prefix: torch.Tensor, # (Lp, D) | (B, Lp, D) embeddings of the shared first positions
+                         suffix: torch.Tensor, # (K, Ls, D) embeddings of each class's remaining positions
+                         eot_idx: torch.Tensor, # (K,) pooling positions in the whole Lp + Ls sequence
+                         deep_prompts: Sequence | None = None, # per block (P, D) | (B, P, D) | None: slots inside the prefix
+                         prompt_start: int = 1, # first position deep prompts overwrite
+                         normalize: bool = False,
+                        ) -> torch.Tensor:
+    "Text features (B, K, E) of the B x K prompts [prefix_b; suffix_k], each prefix computed once (see above)."
+    m, (K, Ls, D), Lp = self.model, suffix.shape, prefix.shape[-2]
+    deep, blocks = list(deep_prompts or []), m.transformer.resblocks
+    B = max([prefix.shape[0] if prefix.ndim == 3 else 1] + [p.shape[0] for p in deep if p is not None and p.ndim == 3])
+    L, eot = Lp + Ls, torch.as_tensor(eot_idx, device=suffix.device).long()
+    mask = m.attn_mask[:L, :L] if m.attn_mask is not None else None
+    P = max([p.shape[-2] for p in deep if p is not None] or [0])
+    if not (_is_causal(mask) and m.text_pool_type in ("argmax", "eos") and all(map(_lean_ok, blocks)) and Lp >= max(1, prompt_start + P)
+            and Ls >= 1 and len(deep) <= len(blocks) and bool((eot >= Lp).all()) and bool((eot < L).all())):  # the expanded path
+        x = torch.cat([prefix.expand(B, Lp, D)[:, None].expand(B, K, Lp, D), suffix.expand(B, K, Ls, D)], 2)
+        return self.encode_text_embeddings(x, eot, deep, prompt_start, normalize=normalize)
+    cast = m.transformer.get_cast_dtype()
+    pos = m.positional_embedding[:L].to(cast)
+    t = torch.cat([(prefix.to(cast) + pos[:Lp]).expand(B, Lp, D).reshape(-1, D), (suffix.to(cast) + pos[Lp:]).expand(B, K, Ls, D).reshape(-1, D)])
+    smask, n = mask[Lp:].to(cast), B * Lp
+    ckpt = getattr(m.transformer, "grad_checkpointing", False) and torch.is_grad_enabled()
+    for i, blk in enumerate(blocks):
+        p = deep[i] if i < len(deep) else None
+        if p is not None:                                                         # overwrite the prompt slots of every prefix
+            xp = t[:n].view(B, Lp, D)
+            xp = torch.cat([xp[:, :prompt_start], _expand_prompt(p.to(cast), B), xp[:, prompt_start + p.shape[-2]:]], 1)
+            t = torch.cat([xp.reshape(n, D), t[n:]])
+        t = (checkpoint(_prefix_block, blk, t, B, K, Lp, Ls, smask, use_reentrant=False) if ckpt
+             else _block_call(m.transformer, _prefix_block, blk, t, B, K, Lp, Ls, smask))
+    x = m.ln_final(t[n:].view(B, K, Ls, D)[:, torch.arange(K, device=t.device), eot - Lp])   # (B, K, D) at the end-of-text tokens
+    proj = m.text_projection
+    if proj is not None: x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return F.normalize(x, dim=-1) if normalize else x
 
 # %% ../nbs/20_promptable.ipynb #d6ceb5eb
 @patch(as_prop=True)

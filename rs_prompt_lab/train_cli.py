@@ -32,6 +32,10 @@ def _classmap_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run folder runs/<exp>/<dataset>/<cfg>/seed<k> (or its configuration folder)")
     p.add_argument("--out", default=None, help="PNG file (default RUN_DIR/classmap.png); the .npy is written beside it")
     p.add_argument("--device", default="auto"); p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--memory-gb", type=float, default=None, help="choose the batch size from this memory budget in GB (instead of --batch-size)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes cutting windows while the model runs (default 0)")
+    p.add_argument("--no-resume", action="store_true", help="start over instead of continuing from classmap.partial.npz")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone's blocks (pays off on a whole scene; needs a compiler)")
     p.add_argument("--root", default=None, help="dataset folder, if it moved since training")
     p.add_argument("--no-progress", action="store_true")
 
@@ -123,6 +127,7 @@ def _cli_train_align(a) -> int:
 
 def _cli_classmap(a) -> int:
     from rs_prompt_lab.experiment import classmap_from_run
-    r = classmap_from_run(a.run_dir, a.out, a.device, a.batch_size, a.root, progress=not a.no_progress)
+    r = classmap_from_run(a.run_dir, a.out, a.device, a.batch_size, a.root, progress=not a.no_progress, memory_gb=a.memory_gb,
+                          workers=a.workers, resume=not a.no_resume, compile=a.compile)
     print(f"class map: {r['png']}  array: {r['npy']}  (OA on the run's test pixels {100 * r['test_oa']:.2f}%)")
     return 0

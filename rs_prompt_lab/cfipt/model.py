@@ -135,6 +135,7 @@ def _tokenize(self: CFIPT):
     if self.prompt_side == "both": toks = template_tokens(clip, self._class_names, self.n_ctx, self.template)
     else: toks = clip.tokenize([f"a {self.template.format(class_prompt(c))}." for c in self._class_names])
     self.register_buffer("tokens", trim_tokens(clip, toks), persistent=False)   # (K, L)
+    self._prefix_len = clip.prefix_length(self.tokens)   # positions before the class names: per-image prompts run them once per image
     self._text_cache = None
 
 @patch(as_prop=True)
@@ -179,9 +180,9 @@ def _matrices(self: CFIPT, m: dict) -> tuple:
 @patch
 def couple(self: CFIPT, p_sp=None, p_sa=None) -> tuple:
     "Coupled prompts per layer: (vision list of (B|1, L_v, D_v), text list of (B|1, L_t, D_t) or None)."
-    pv = [self.vision_prompts[i][None] for i in range(self.depth)]
-    if self.prompt_side == "vision": return [self.coupler(p, i, p_sp, p_sa) for i, p in enumerate(pv)], None
-    return self.coupler.couple_all(pv, [self.text_prompts[i][None] for i in range(self.depth)], p_sp, p_sa)
+    if self.prompt_side == "vision":
+        return [self.coupler(self.vision_prompts[i][None], i, p_sp, p_sa) for i in range(self.depth)], None
+    return self.coupler.couple_all(self.vision_prompts, self.text_prompts, p_sp, p_sa)   # (depth, L, D) stacks
 
 @patch
 def text_features(self: CFIPT, text_prompts: list | None) -> torch.Tensor:
@@ -192,9 +193,10 @@ def text_features(self: CFIPT, text_prompts: list | None) -> torch.Tensor:
             with torch.no_grad(): self._text_cache = clip.encode_text(toks, normalize=True)
         return self._text_cache
     emb, eot = clip.token_embedding(toks), clip.eot_index(toks)            # (K, L, D), (K,)
-    B = max(p.shape[0] for p in text_prompts)
-    x = emb if B == 1 else emb.expand(B, *emb.shape)                          # (K, L, D) | (B, K, L, D)
-    return clip.encode_text_embeddings(x, eot, deep_prompts=[_shared(p) for p in text_prompts], normalize=True)
+    B, deep = max(p.shape[0] for p in text_prompts), [_shared(p) for p in text_prompts]
+    if B == 1: return clip.encode_text_embeddings(emb, eot, deep_prompts=deep, normalize=True)   # shared prompts: (K, E)
+    Lp = self._prefix_len                                                     # per image: the shared positions once per image
+    return clip.encode_text_prefixed(emb[0, :Lp], emb[:, Lp:], eot, deep_prompts=deep, normalize=True)   # (B, K, E)
 
 # %% ../../nbs/33_cfipt.model.ipynb #2b94daab
 @patch

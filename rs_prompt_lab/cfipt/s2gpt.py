@@ -12,7 +12,7 @@ from fastcore.basics import patch
 from ..core import ConfigError, DataError, check_choice
 
 # %% auto #0
-__all__ = ['selective_scan_ref', 'selective_scan', 'SelectiveSSM', 'resample_matrix', 's2pt_trans', 'S2GPT',
+__all__ = ['selective_scan_ref', 'selective_scan', 'SelectiveSSM', 'resample_matrix', 's2pt_mixers', 's2pt_trans', 'S2GPT',
            'TransformerExchange', 'resample_tokens', 'VTPICoupler', 'count_params', 'cfipt_budget']
 
 # %% ../../nbs/32_cfipt.s2gpt.ipynb #ca436c1e
@@ -40,19 +40,20 @@ def selective_scan(u: torch.Tensor, # (B, L, E) input sequence
                    Bm: torch.Tensor, # (B, L, N) input maps
                    Cm: torch.Tensor, # (B, L, N) output maps
                    D: torch.Tensor | None = None, # (E,) skip connection
-                   mode: str = "parallel", # 'parallel' (masked closed form) | 'sequential' (the loop)
+                   mode: str = "parallel", # 'parallel' (associative scan, log2 L steps) | 'sequential' (the loop)
                   ) -> torch.Tensor:
     "Selective SSM over the sequence axis; both modes give the same (B, L, E) output."
     if check_choice(mode, ("parallel", "sequential"), "scan mode") == "sequential":
         return selective_scan_ref(u, delta, A, Bm, Cm, D)
     L = u.shape[1]
-    S = torch.cumsum(delta[..., None] * A, dim=1)                            # (B, L, E, N)
-    diff = S[:, :, None] - S[:, None, :]                                       # (B, t, s, E, N) = S_t - S_s
-    causal = torch.ones(L, L, dtype=torch.bool, device=u.device).tril()       # s <= t
-    decay = torch.exp(diff.masked_fill(~causal[None, :, :, None, None], float("-inf")))
-    x = delta[..., None] * Bm[:, :, None, :] * u[..., None]                    # (B, s, E, N)
-    h = torch.einsum("btsen,bsen->bten", decay, x)                             # (B, t, E, N)
-    y = torch.einsum("bten,btn->bte", h, Cm)
+    a = torch.exp(delta[..., None] * A)                                        # (B, L, E, N) decay of each step
+    b = delta[..., None] * Bm[:, :, None, :] * u[..., None]                    # (B, L, E, N) input of each step
+    k = 1
+    while k < L:                                                               # after this step b_t holds h_t over 2k steps
+        b = torch.cat([b[:, :k], torch.addcmul(b[:, k:], a[:, k:], b[:, :-k])], 1)
+        if 2 * k < L: a = torch.cat([a[:, :k], a[:, k:] * a[:, :-k]], 1)
+        k *= 2
+    y = torch.einsum("blen,bln->ble", b, Cm)                                   # y_t = h_t C_t
     return y if D is None else y + u * D
 
 # %% ../../nbs/32_cfipt.s2gpt.ipynb #a5ecbbda
@@ -90,16 +91,27 @@ def resample_matrix(P: torch.Tensor, # (B, T, T) prompt matrix
     M = F.adaptive_avg_pool2d(P[:, None], (size, size))[:, 0]
     return M / M.sum(-1, keepdim=True).clamp_min(torch.finfo(M.dtype).tiny)
 
+def s2pt_mixers(p_sp: torch.Tensor | None, p_sa: torch.Tensor | None, # the prompt matrices (or None)
+                L: int, E: int, # tokens and channels of what they will mix
+                dtype: torch.dtype | None = None, # the tokens' dtype (cast before resampling)
+               ) -> tuple:
+    "What S2PtTrans applies: (M_sp (B, E - E//2, E - E//2) | None, M_sa (B, L, L) | None), resampled and row-normalised."
+    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+    return (resample_matrix(cast(p_sp), E - E // 2) if p_sp is not None else None,
+            resample_matrix(cast(p_sa), L) if p_sa is not None else None)
+
 def s2pt_trans(x: torch.Tensor, # (B or 1, L, E) tokens
                p_sp: torch.Tensor | None = None, # (B, C, C) spectral prompt matrix
                p_sa: torch.Tensor | None = None, # (B, N, N) spatial prompt matrix
+               mixers: tuple | None = None, # s2pt_mixers(p_sp, p_sa, L, E) computed once for several calls (then p_sp, p_sa are unused)
               ) -> torch.Tensor:
     "Mix the first channel half across tokens with P_sa and the second across channels with P_sp (residual)."
-    if p_sp is None and p_sa is None: return x
-    L, E = x.shape[1], x.shape[2]
+    m_sp, m_sa = mixers if mixers is not None else s2pt_mixers(p_sp, p_sa, x.shape[1], x.shape[2], x.dtype)
+    if m_sp is None and m_sa is None: return x
+    E = x.shape[2]
     xa, xb = x[..., : E // 2], x[..., E // 2:]
-    ya = resample_matrix(p_sa.to(x.dtype), L) @ xa if p_sa is not None else torch.zeros_like(xa)
-    yb = xb @ resample_matrix(p_sp.to(x.dtype), xb.shape[-1]).transpose(1, 2) if p_sp is not None else torch.zeros_like(xb)
+    ya = m_sa.to(x.dtype) @ xa if m_sa is not None else torch.zeros_like(xa)
+    yb = xb @ m_sp.to(x.dtype).transpose(1, 2) if m_sp is not None else torch.zeros_like(xb)
     return x + torch.cat([ya, yb], -1)
 
 # %% ../../nbs/32_cfipt.s2gpt.ipynb #7083d3c7
@@ -115,7 +127,7 @@ class S2GPT(nn.Module):
                 ):
         super().__init__()
         E = expand * width
-        self.bidirectional = bidirectional
+        self.bidirectional, self.inner = bidirectional, E
         self.in_proj = nn.Linear(width, 2 * E, bias=False)
         self.dwconv = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1)
         self.ssm = SelectiveSSM(E, d_state, dt_rank, scan)
@@ -125,13 +137,16 @@ class S2GPT(nn.Module):
     def forward(self, P: torch.Tensor, # (B or 1, L, width) prompt tokens
                 p_sp: torch.Tensor | None = None, # (B, C, C) spectral prompt matrix (None: skip)
                 p_sa: torch.Tensor | None = None, # (B, N, N) spatial prompt matrix (None: skip)
+                mixers: tuple | None = None, # s2pt_mixers(p_sp, p_sa, L, self.inner), when the caller computed them once
                ) -> torch.Tensor:
         "(B or 1, L, width) -> (B, L, width)."
         x, z = self.in_proj(P).chunk(2, dim=-1)                                # (B, L, E) each
         x = self.dwconv(x.transpose(1, 2))[..., : P.shape[1]].transpose(1, 2)  # causal depthwise conv
-        x = s2pt_trans(F.silu(x), p_sp, p_sa)                                  # P_S2
-        y = self.ssm(x)
-        if self.bidirectional: y = y + self.ssm(x.flip(1)).flip(1)
+        x = s2pt_trans(F.silu(x), p_sp, p_sa, mixers)                          # P_S2
+        if not self.bidirectional: y = self.ssm(x)
+        else:                                                                  # both directions in one batch: one SSM call
+            y2 = self.ssm(torch.cat([x, x.flip(1)]))
+            y = y2[: len(x)] + y2[len(x):].flip(1)
         return self.out_proj(F.silu(z) * self.norm(y))
 
 # %% ../../nbs/32_cfipt.s2gpt.ipynb #376c8eda
@@ -206,15 +221,36 @@ def forward(self: VTPICoupler, P_V: torch.Tensor, # (B or 1, L_v, D_v) vision pr
     tv, tt = out[:, : P_V.shape[1]], out[:, P_V.shape[1]:]                     # P̃_V, P̃_T
     return P_V + self.up_v[j](resample_tokens(tt, P_V.shape[1])), P_T + self.up_t[j](resample_tokens(tv, P_T.shape[1]))
 
+def _stack_layers(ps) -> torch.Tensor:
+    "Per-layer prompts (a list of (B|1, L, D), or a tensor (n, L, D) | (n, B, L, D)) as one (n, B|1, L, D) tensor."
+    if torch.is_tensor(ps): return ps[:, None] if ps.ndim == 3 else ps
+    B = max(p.shape[0] for p in ps)
+    return torch.stack([p.expand(B, -1, -1) for p in ps])
+
 @patch
-def couple_all(self: VTPICoupler, vision_prompts: list, # per layer (B or 1, L_v, D_v)
-                text_prompts: list, # per layer (B or 1, L_t, D_t)
+def couple_all(self: VTPICoupler, vision_prompts, # per layer (B or 1, L_v, D_v): a list, or a tensor (n, L_v, D_v)
+                text_prompts, # per layer (B or 1, L_t, D_t): a list, or a tensor (n, L_t, D_t)
                 p_sp: torch.Tensor | None = None, p_sa: torch.Tensor | None = None) -> tuple:
-    "Couple every layer: lists (P_VT per layer, P_TV per layer)."
+    "Couple every layer: lists (P_VT per layer, P_TV per layer), as `forward` layer by layer (the shared maps run once)."
     if len(vision_prompts) != self.n_layers or len(text_prompts) != self.n_layers:
         raise ConfigError(f"coupler built for {self.n_layers} layers got {len(vision_prompts)} vision / {len(text_prompts)} text prompt sets")
-    outs = [self(v, t, i, p_sp, p_sa) for i, (v, t) in enumerate(zip(vision_prompts, text_prompts))]
-    return [o[0] for o in outs], [o[1] for o in outs]
+    if self.interaction == "none" or not self.share_proj:
+        outs = [self(v[None] if v.ndim == 2 else v, t[None] if t.ndim == 2 else t, i, p_sp, p_sa)
+                for i, (v, t) in enumerate(zip(vision_prompts, text_prompts))]
+        return [o[0] for o in outs], [o[1] for o in outs]
+    PV, PT = _stack_layers(vision_prompts), _stack_layers(text_prompts)       # (n, B|1, L, D)
+    Lv, Lt = PV.shape[2], PT.shape[2]
+    zv, zt = self.down_v[0](PV), self.down_t[0](PT)                            # one projection for every layer
+    Bn = max(zv.shape[1], zt.shape[1])
+    seq = torch.cat([zv.expand(-1, Bn, -1, -1), zt.expand(-1, Bn, -1, -1)], 2)   # (n, B, L_v + L_t, w)
+    if self.interaction == "s2gpt":                                            # the resampled matrices, once for all layers
+        mix = s2pt_mixers(p_sp, p_sa, Lv + Lt, self.blocks[0].inner, seq.dtype)
+        out = torch.stack([blk(seq[i], mixers=mix) for i, blk in enumerate(self.blocks)])
+    else: out = torch.stack([blk(seq[i], p_sp, p_sa) for i, blk in enumerate(self.blocks)])
+    re = lambda x, L: resample_tokens(x.flatten(0, 1), L).unflatten(0, x.shape[:2])
+    pv = PV + self.up_v[0](re(out[:, :, Lv:], Lv))                             # P_V + up_v(P̃_T), every layer at once
+    pt = PT + self.up_t[0](re(out[:, :, :Lv], Lt))                             # P_T + up_t(P̃_V)
+    return list(pv.unbind(0)), list(pt.unbind(0))
 
 # %% ../../nbs/32_cfipt.s2gpt.ipynb #b06da73b
 def count_params(m: nn.Module) -> int:
