@@ -21,7 +21,7 @@ SYN="--data synthetic-houston-like --param size=96x256 --param seed=0 --pool all
 case "${1:-}" in
   real)
     for m in svm rf; do $RS $m $REAL $COMMON --seeds $SEEDS; done
-    for m in linear-probe coop maple cfipt; do $RS $m $REAL $COMMON --seeds $SEEDS $BUDGET --backbone rs-tiny; done ;;
+    for m in linear-probe linear-probe-full coop maple cfipt; do $RS $m $REAL $COMMON --seeds $SEEDS $BUDGET --backbone rs-tiny; done ;;
   synthetic)
     for m in svm rf; do $RS $m $SYN $COMMON --seeds $SEEDS; done
     $RS zeroshot $SYN $COMMON --seeds $SEEDS --backbone rs-tiny
