@@ -107,7 +107,7 @@ def flop_rate(model, scene, norms, p: int, device: str, amp) -> float:
     from rs_prompt_lab.data.patches import cut_patches
     rc = np.argwhere(np.ones(scene.shape, bool))[:8]
     x = {k: torch.from_numpy(cut_patches(v, rc, p, norms[k])).to(device) for k, v in scene.modalities.items()}
-    with torch.autocast(device, dtype=amp, enabled=amp is not None):   # grad mode on: FlopCounterMode's module tracker needs it
+    with torch.autocast(device, dtype=amp, enabled=amp is not None):
         return count_flops(model, x) / len(rc)
 
 

@@ -90,9 +90,9 @@ def median_time(fn, repeats: int, device: str) -> float:
 
 
 def flops(fn) -> int:
-    "FLOPs of one call of `fn` (forward, and backward when `fn` runs it), counted with grad mode on (FlopCounterMode's module tracker needs it)."
+    "FLOPs of one call of `fn` (forward, and backward when `fn` runs it) (bench.count_flops turns grad mode on itself)."
     from rs_prompt_lab.bench import count_flops
-    with torch.enable_grad(): return count_flops(fn)
+    return count_flops(fn)
 
 
 def amp(device: str):

@@ -51,9 +51,9 @@ def matmul_peak(n: int = 1024, # matrix side
     return 2 * n ** 3 / statistics.median(ts)
 
 def count_flops(fn, *args, **kw) -> int:
-    "FLOPs of `fn(*args, **kw)` as counted by torch's FlopCounterMode (the call runs once)."
+    "FLOPs of `fn(*args, **kw)` as counted by torch's FlopCounterMode (the call runs once, with grad mode on: its module tracker needs it)."
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc: fn(*args, **kw)
+    with torch.enable_grad(), FlopCounterMode(display=False) as fc: fn(*args, **kw)
     return int(fc.get_total_flops())
 
 def peak_rss_gb() -> float:
