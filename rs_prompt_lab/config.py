@@ -21,39 +21,108 @@ def _coerce(tp, v, name):
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _coerce(args[0], v, name) if len(args) == 1 else v
-    if isinstance(tp, type) and is_dataclass(tp): return tp.from_dict(v) if issubclass(tp, Cfg) else tp(**v)
+    if isinstance(tp, type) and is_dataclass(tp):
+        if isinstance(v, tp): return v
+        return tp.from_dict(v) if issubclass(tp, Cfg) else tp(**v)
     if tp is Path: return Path(v)
     if origin is tuple: return tuple(v)
     if tp is tuple: return tuple(v)
     return v
 
+def _is_cfg(tp) -> bool: return isinstance(tp, type) and is_dataclass(tp) and issubclass(tp, Cfg)
+
 @dataclass
 class Cfg:
-    "Base for config dataclasses: JSON round-trip, strict keys, `replace`."
+    "Base for config dataclasses: JSON round-trip, strict keys, nested sections with flat names, `replace`."
+    FLAT = {}   # dotted path -> flat name, where the default ('_'.join(path[1:]), e.g. train.paint.steps -> paint_steps) does not fit
+
     def to_dict(self) -> dict: return to_jsonable(self)
     def to_json(self) -> str: return json.dumps(self.to_dict(), indent=2)
     def save(self, path: str | Path) -> Path: return save_json(self.to_dict(), path)
-    def replace(self, **kw): 
-        self._check_keys(kw)
-        return dataclasses.replace(self, **kw)
+
     @classmethod
-    def _check_keys(cls, d: dict):
-        names = [f.name for f in fields(cls)]
-        bad = [k for k in d if k not in names]
-        if bad: raise ConfigError(f"{cls.__name__}: unknown field {bad[0]!r}.{suggest(bad[0], names)} Fields: {', '.join(names)}")
+    def sections(cls) -> dict:
+        "{field: Cfg subclass} of the fields that are nested configs."
+        hints = get_type_hints(cls)
+        return {f.name: hints[f.name] for f in fields(cls) if _is_cfg(hints.get(f.name))}
+
+    @classmethod
+    def _paths(cls, pre: tuple = ()) -> list:
+        "(path, owner class, field) of every leaf, depth first in field order."
+        secs, out = cls.sections(), []
+        for f in fields(cls):
+            out += secs[f.name]._paths(pre + (f.name,)) if f.name in secs else [(pre + (f.name,), cls, f)]
+        return out
+
+    @classmethod
+    def flat_names(cls) -> dict:
+        "{flat name: dotted path} of every leaf: a top-level field keeps its name, a nested one drops its section (`FLAT` overrides)."
+        out = {}
+        for path, _, _ in cls._paths():
+            dotted = ".".join(path)
+            name = cls.FLAT.get(dotted, path[0] if len(path) == 1 else "_".join(path[1:]))
+            if name in out: raise ConfigError(f"{cls.__name__}: fields {out[name]} and {dotted} share the flat name {name!r}; give one a FLAT entry")
+            out[name] = dotted
+        return out
+
+    def to_flat(self) -> dict:
+        "{flat name: JSON value} of every leaf (the names the command line and old flat config files use)."
+        d = self.to_dict()
+        def get(path):
+            v = d
+            for k in path.split("."): v = v[k]
+            return v
+        return {n: get(p) for n, p in type(self).flat_names().items()}
+
+    @classmethod
+    def _route(cls, d: dict) -> tuple:
+        "Split `d` into ({field: value} of this level, {section: {relative key: value}}); flat names and dotted paths are routed."
+        names, secs = [f.name for f in fields(cls)], cls.sections()
+        here, down = {}, {}
+        for k, v in d.items():
+            if k in secs and (isinstance(v, dict) or isinstance(v, secs[k])):
+                if isinstance(v, secs[k]): here[k] = v
+                else: down.setdefault(k, {}).update(v)
+                continue
+            if k in names and k not in secs: here[k] = v; continue
+            path = k if "." in k else cls.flat_names().get(k) if secs else None
+            if path is None or path.split(".")[0] not in secs:
+                known = names + [n for n in (cls.flat_names() if secs else {}) if n not in names]
+                raise ConfigError(f"{cls.__name__}: unknown field {k!r}.{suggest(k, known)} Fields: {', '.join(known)}")
+            head, rest = path.split(".", 1)
+            down.setdefault(head, {})[rest] = v
+        return here, down
+
+    def replace(self, **kw):
+        "A copy with fields replaced: top-level names, nested sections' flat names (`epochs`) or dotted paths (`train.epochs`)."
+        here, down = type(self)._route(kw)
+        for k, sub in down.items():
+            cur = here.get(k, getattr(self, k))
+            here[k] = cur.replace(**sub)
+        return dataclasses.replace(self, **here)
+
     @classmethod
     def from_dict(cls, d: dict):
+        "The config from a JSON object: nested sections, or the flat names of a config file written before they nested."
         if not isinstance(d, dict): raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(d).__name__}")
-        cls._check_keys(d)
-        hints = get_type_hints(cls)
-        return cls(**{k: _coerce(hints.get(k, Any), v, k) for k, v in d.items()})
+        here, down = cls._route(d)
+        hints, secs = get_type_hints(cls), cls.sections()
+        vals = {k: _coerce(hints.get(k, Any), v, k) for k, v in here.items()}
+        for k, sub in down.items():
+            base = vals.get(k)
+            vals[k] = base.replace(**sub) if base is not None else secs[k].from_dict(sub)
+        return cls(**vals)
+    @classmethod
+    def from_flat(cls, **kw):
+        "The config from keyword arguments: flat names (`epochs=3`), dotted paths or whole sections; the rest keeps its defaults."
+        return cls.from_dict(kw)
     @classmethod
     def from_json(cls, s: str): return cls.from_dict(json.loads(s))
     @classmethod
     def load(cls, path: str | Path): return cls.from_dict(load_json(path))
 
 # %% ../nbs/01_config.ipynb #717f091c
-import argparse, re
+import argparse, functools, re
 
 def parse_kv(s: str) -> tuple:
     "KEY=VALUE with VALUE as JSON, 'HxW' as [H, W], or a plain string."
@@ -77,37 +146,60 @@ def _base_type(tp):
     return args[0] if len(args) == 1 else _scalar
 
 # %% ../nbs/01_config.ipynb #ddfa1505
-def add_cfg_arguments(parser: argparse.ArgumentParser, cls: type, # a dataclass
-                      flags: dict | None = None, # field -> option string ('dataset' -> '--data')
-                      skip: typing.Sequence = (), # fields the caller handles itself
-                     ) -> None:
-    "One option per field of `cls`, with the field's comment as help and its default."
+def _field_docs(cls: type) -> dict:
+    "{field: comment} of a dataclass and its bases (a subclass that only changes defaults keeps its base's comments)."
     from fastcore.docments import docments
-    docs, hints, flags = docments(cls, full=True), get_type_hints(cls), flags or {}
-    for f in fields(cls):
-        if f.name in skip: continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        tp, opt = _base_type(hints.get(f.name, str)), flags.get(f.name, "--" + f.name.replace("_", "-"))
-        help_ = (docs.get(f.name, {}).get("docment") or "") + f" (default: {default!r})"
-        kw = dict(dest=f.name, default=default, help=help_)
+    out = {}
+    for k in reversed(cls.__mro__):
+        if not is_dataclass(k) or k is Cfg: continue
+        try: d = docments(k, full=True)
+        except (OSError, TypeError): continue   # no source (a class defined in a REPL)
+        out.update({n: v["docment"] for n, v in d.items() if v.get("docment")})
+    return out
+
+def add_cfg_arguments(parser: argparse.ArgumentParser, cls: type, # a dataclass
+                      flags: dict | None = None, # flat name -> option string ('dataset' -> '--data')
+                      skip: typing.Sequence = (), # flat names the caller handles itself
+                     ) -> None:
+    "One option per leaf of `cls` (nested sections as argument groups), with the field's comment as help and its default."
+    flags = flags or {}
+    flat = {p: n for n, p in cls.flat_names().items()} if _is_cfg(cls) else {f.name: f.name for f in fields(cls)}
+    paths = cls._paths() if _is_cfg(cls) else [((f.name,), cls, f) for f in fields(cls)]
+    groups, docs, inst = {}, {}, cls()
+    for path, owner, f in paths:
+        name = flat[".".join(path)]
+        if name in skip: continue
+        if owner not in docs: docs[owner] = (_field_docs(owner), get_type_hints(owner))
+        fdocs, hints = docs[owner]
+        if len(path) > 1 and path[0] not in groups:
+            sec = cls.sections()[path[0]] if _is_cfg(cls) else None
+            groups[path[0]] = parser.add_argument_group(path[0], (sec.__doc__ or "").strip() or None)
+        target = groups.get(path[0], parser) if len(path) > 1 else parser
+        default = functools.reduce(getattr, path, inst)   # the experiment's default (a section's factory may set other values than the section class)
+        tp, opt = _base_type(hints.get(f.name, str)), flags.get(name, "--" + name.replace("_", "-"))
+        help_ = (f"{'.'.join(path[1:-1])}: " if len(path) > 2 else "") + (fdocs.get(f.name) or "") + f" (default: {default!r})"
+        kw = dict(dest=name, default=default, help=help_)
         if tp is bool:
-            if default: parser.add_argument(flags.get(f.name, "--no-" + f.name.replace("_", "-")), action="store_false", **kw)
-            else: parser.add_argument(opt, action="store_true", **kw)
+            if default: target.add_argument(flags.get(name, "--no-" + name.replace("_", "-")), action="store_false", **kw)
+            else: target.add_argument(opt, action="store_true", **kw)
         elif tp in (list, tuple) or typing.get_origin(tp) in (list, tuple):
             el = type(default[0]) if default else str
-            parser.add_argument(opt, nargs="+", type=el if el in (int, float) else None, **kw)
+            target.add_argument(opt, nargs="+", type=el if el in (int, float) else None, **kw)
         elif tp is dict or typing.get_origin(tp) is dict:
-            parser.add_argument(opt, action="append", metavar="KEY=VALUE", **{**kw, "default": None})
-        else: parser.add_argument(opt, type=tp if tp in (int, float, str, _scalar) else str, **kw)
+            target.add_argument(opt, action="append", metavar="KEY=VALUE", **{**kw, "default": None})
+        else: target.add_argument(opt, type=tp if tp in (int, float, str, _scalar) else str, **kw)
 
 def cfg_from_args(cls: type, ns: argparse.Namespace, flags: dict | None = None, **overrides):
-    "The config `cls` from a namespace built by `add_cfg_arguments` (missing fields keep their defaults)."
-    hints, vals, flags = get_type_hints(cls), {}, flags or {}
-    for f in fields(cls):
-        if f.name not in vars(ns): continue
-        v, tp = getattr(ns, f.name), _base_type(hints.get(f.name, str))
+    "The config `cls` from a namespace built by `add_cfg_arguments` (leaves not on the command line keep their defaults)."
+    flags, vals, inst = flags or {}, {}, cls()
+    paths = cls._paths() if _is_cfg(cls) else [((f.name,), cls, f) for f in fields(cls)]
+    flat = {p: n for n, p in cls.flat_names().items()} if _is_cfg(cls) else {f.name: f.name for f in fields(cls)}
+    for path, owner, f in paths:
+        name = flat[".".join(path)]
+        if name not in vars(ns): continue
+        v, tp = getattr(ns, name), _base_type(get_type_hints(owner).get(f.name, str))
         if (tp is dict or typing.get_origin(tp) is dict):
-            try: v = dict(map(parse_kv, v)) if v is not None else (f.default_factory() if f.default_factory is not dataclasses.MISSING else {})
-            except ConfigError as e: raise ConfigError(f"{flags.get(f.name, '--' + f.name.replace('_', '-'))}: {e}") from None
-        vals[f.name] = _coerce(hints.get(f.name, typing.Any), v, f.name)
-    return cls(**{**vals, **overrides})
+            try: v = dict(map(parse_kv, v)) if v is not None else dict(functools.reduce(getattr, path, inst) or {})
+            except ConfigError as e: raise ConfigError(f"{flags.get(name, '--' + name.replace('_', '-'))}: {e}") from None
+        vals[name] = v
+    return cls.from_dict({**vals, **overrides}) if _is_cfg(cls) else cls(**{**vals, **overrides})

@@ -12,6 +12,7 @@ import torch
 from .core import (ConfigError, DataError, RSLabError, atomic_path, check_choice, get_device, get_logger, load_json,
                                 provenance, save_json, seed_everything)
 from .config import Cfg
+from .runner import MethodChoice, FitCfg
 from .data.scene import Scene, BandNormalizer, pca_reduce
 from .data.splits import Split, few_shot_split, leakage_report
 from .data.patches import PatchSampler, check_patch_size
@@ -26,23 +27,21 @@ from .runner import (run_seeds, check_same, summarize_runs, collect_summaries, r
                                   warnings_of, save_training_curve)
 
 # %% auto #0
-__all__ = ['log', 'PixelExpCfg', 'check_backbone_name', 'select_modalities', 'check_pixel_scene', 'load_scene', 'make_split',
-           'fit_normalizers', 'save_normalizers', 'load_normalizers', 'save_split', 'load_split_rc', 'scene_spec',
-           'build_method', 'budget_points', 'data_fingerprint', 'check_resumable', 'run_seed', 'summarize',
-           'format_summary', 'run_pixel_experiment', 'find_run_dir', 'best_checkpoint', 'load_run_model',
-           'classmap_from_run']
+__all__ = ['log', 'PixelDataCfg', 'PixelFitCfg', 'PixelExpCfg', 'check_backbone_name', 'select_modalities', 'check_pixel_scene',
+           'load_scene', 'make_split', 'fit_normalizers', 'save_normalizers', 'load_normalizers', 'save_split',
+           'load_split_rc', 'scene_spec', 'build_method', 'budget_points', 'data_fingerprint', 'check_resumable',
+           'run_seed', 'summarize', 'format_summary', 'run_pixel_experiment', 'find_run_dir', 'best_checkpoint',
+           'load_run_model', 'classmap_from_run']
 
 # %% ../nbs/44_experiment.ipynb #0ddcb6ee
 @dataclass
-class PixelExpCfg(Cfg):
-    "A few-shot pixel-classification experiment: data, method, protocol, training and where results go."
+class PixelDataCfg(Cfg):
+    "Which pixels: the scene, its modalities, the few-shot split and what is tested."
     dataset: str = "synthetic-houston-like"  # built-in name, manifest YAML, or a Scene .npz written by Scene.save
     root: str | None = None                  # dataset folder (file-based datasets)
     dataset_params: dict = field(default_factory=dict)  # generator datasets: overrides, e.g. {'size': [64, 96], 'seed': 0}
     modalities: list | None = None           # modalities to use, first = HSI (default: all of the scene's)
-    method: str = "cfipt"                    # a registry name (methods.list_methods('*', 'pixel')) or 'pkg.module:factory'
-    method_kw: dict = field(default_factory=dict)  # method options: fields of the method's config (methods.method_config)
-    backbone: str = "rs-tiny"                # backbones.load_backbone name (unused by svm / rf)
+    patch_size: int = 11                     # odd window size p (1 for pixel sets)
     shots: int = 40                          # training pixels per class
     val_per_class: int = 10                  # validation pixels per class, carved from the training pool
     policy: str = "error"                    # a class with too few pool pixels: 'error' or 'take_all'
@@ -50,23 +49,23 @@ class PixelExpCfg(Cfg):
     guard: int | str = 0                     # drop test pixels within this distance of a train/val pixel: 0, an int, 'window' (p // 2) or 'overlap' (p - 1)
     split_mode: str = "pixel"                # 'pixel' (test drawn pixel-wise) or 'blocks' (whole spatial blocks go to test; needs pool='all')
     block_size: int | None = None            # block side in pixels for split_mode='blocks' (None: the splitter's default)
-    seeds: list = field(default_factory=lambda: [0, 1, 2])  # one run per seed (split draw and initialisation)
-    patch_size: int = 11                     # odd window size p (1 for pixel sets)
-    epochs: int = 20                         # training epochs (deep methods; see steps and budget)
-    steps: int | None = None                 # optimiser steps in total, rounded up to whole epochs (overrides epochs)
-    budget: str = "cfg"                      # 'cfg': epochs/steps/lr as set here; 'method': the steps and lr of the method's registry entry
-    select: dict = field(default_factory=dict)  # validation grid over lr / steps / epochs / weight_decay, e.g. {'lr': [1e-3, 3e-3]}: best val OA is kept
     test_split: str | None = None            # official split map to test on (default: 'test' when the scene has one, else every other labelled pixel)
-    batch_size: int = 64                     # training batch size
-    lr: float = 2e-3                         # peak learning rate (AdamW, cosine schedule)
-    weight_decay: float = 0.0                # AdamW weight decay
-    warmup_epochs: float = 1.0               # linear warm-up
-    amp: str = "auto"                        # mixed precision (see train.resolve_amp)
-    device: str = "auto"                     # 'auto', 'cpu', 'cuda', 'cuda:N'
-    num_workers: int = 0                     # DataLoader workers cutting patches (0: in the main process)
     normalise: str = "zscore"                # per-band normalisation fitted on training pixels: 'zscore' or 'minmax'
-    eval_batch_size: int = 256               # pixels per forward pass at validation / test time
     max_test_pixels: int | None = None       # evaluate on a seeded random subset of the test pixels (None: all)
+
+@dataclass
+class PixelFitCfg(FitCfg):
+    "How a pixel method trains (FitCfg, plus DataLoader workers cutting patches)."
+    num_workers: int = 0                     # DataLoader workers cutting patches (0: in the main process)
+
+@dataclass
+class PixelExpCfg(Cfg):
+    "A few-shot pixel-classification experiment: data, method and training sections, the seeds and where results go."
+    FLAT = {"method.name": "method", "method.kw": "method_kw"}
+    data: PixelDataCfg = field(default_factory=PixelDataCfg)  # which pixels
+    method: MethodChoice = field(default_factory=MethodChoice)  # which method on which backbone
+    train: PixelFitCfg = field(default_factory=PixelFitCfg)  # how it trains
+    seeds: list = field(default_factory=lambda: [0, 1, 2])  # one run per seed (split draw and initialisation)
     quick: bool = False                      # smoke run: 1 epoch of at most 8 steps, <= 1000 test pixels, 50 trees
     exp: str = "pixel"                       # experiment folder under out_dir
     name: str | None = None                  # configuration folder (default: derived from method, backbone, shots, patch)
@@ -82,46 +81,29 @@ from fastcore.basics import patch
 
 @patch
 def check(self: PixelExpCfg) -> PixelExpCfg:
-    "Validate choices and ranges, make file paths absolute (run records work from any folder); return self."
-    p = Path(str(self.dataset)).expanduser()
+    "Validate every section (one line per problem), make file paths absolute (run records work from any folder); return self."
+    d, m = self.data, self.method
+    p = Path(str(d.dataset)).expanduser()
     if p.suffix.lower() in (".npz", ".yaml", ".yml") and not p.is_absolute():
-        full = Path(self.root).expanduser()/p if self.root and p.suffix.lower() == ".npz" else p
-        if full.exists(): self.dataset = str(full.resolve())
-    if self.root and Path(self.root).expanduser().exists(): self.root = str(Path(self.root).expanduser().resolve())
-    check_choice(self.normalise, ["zscore", "minmax"], "normalisation")
-    check_choice(self.policy, ["error", "take_all"], "few-shot policy")
-    check_choice(self.pool, ["auto", "official", "all"], "training pool")
-    check_choice(self.split_mode, ["pixel", "blocks"], "split mode")
-    if not (self.guard in ("window", "overlap") or (isinstance(self.guard, int) and not isinstance(self.guard, bool) and self.guard >= 0)):
-        raise ConfigError(f"guard must be an integer >= 0, 'window' or 'overlap', got {self.guard!r}")
-    for n in ("shots", "epochs", "batch_size", "eval_batch_size"): _int(getattr(self, n), n, 1)
-    _int(self.val_per_class, "val_per_class", 0); _int(self.num_workers, "num_workers", 0)
-    if self.patch_size is None or _int(self.patch_size, "patch_size", 1) % 2 == 0: raise ConfigError(f"patch_size must be odd (the window is centred on the pixel), got {self.patch_size}")
+        full = Path(d.root).expanduser()/p if d.root and p.suffix.lower() == ".npz" else p
+        if full.exists(): d.dataset = str(full.resolve())
+    if d.root and Path(d.root).expanduser().exists(): d.root = str(Path(d.root).expanduser().resolve())
+    check_choice(d.normalise, ["zscore", "minmax"], "normalisation")
+    check_choice(d.policy, ["error", "take_all"], "few-shot policy")
+    check_choice(d.pool, ["auto", "official", "all"], "training pool")
+    check_choice(d.split_mode, ["pixel", "blocks"], "split mode")
+    if not (d.guard in ("window", "overlap") or (isinstance(d.guard, int) and not isinstance(d.guard, bool) and d.guard >= 0)):
+        raise ConfigError(f"guard must be an integer >= 0, 'window' or 'overlap', got {d.guard!r}")
+    _int(d.shots, "shots", 1); _int(d.val_per_class, "val_per_class", 0); _int(self.train.num_workers, "num_workers", 0)
+    if d.patch_size is None or _int(d.patch_size, "patch_size", 1) % 2 == 0: raise ConfigError(f"patch_size must be odd (the window is centred on the pixel), got {d.patch_size}")
+    if d.max_test_pixels is not None: _int(d.max_test_pixels, "max_test_pixels", 1)
     check_seeds(self.seeds)
-    if self.max_test_pixels is not None: _int(self.max_test_pixels, "max_test_pixels", 1)
-    check_positive(self.lr, "lr")
-    if self.steps is not None: _int(self.steps, "steps", 1)
-    check_choice(self.budget, ["cfg", "method"], "training budget")
-    check_choice(self.amp, ["auto", "off", "bf16", "fp16"], "amp mode")
-    for n in ("weight_decay", "warmup_epochs"):
-        v = getattr(self, n)
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0): raise ConfigError(f"{n} must be a finite number >= 0, got {v!r}")
-    if self.budget == "method" and self.steps is not None:
-        raise ConfigError("budget='method' takes the steps from the method's registry entry; drop --steps, or use budget='cfg'")
-    if "epochs" in self.select and (self.steps is not None or self.budget == "method"):
-        raise ConfigError("select over epochs has no effect while a step budget is set (steps override epochs); search 'steps' instead")
-    bad = [k for k in self.select if k not in _GRID_KEYS]
-    if bad: raise ConfigError(f"select can search {', '.join(_GRID_KEYS)}, not {bad[0]!r}")
-    for k, v in self.select.items():
-        if not isinstance(v, (list, tuple)) or not v: raise ConfigError(f"select[{k!r}] must be a non-empty list of values, got {v!r}")
-    get_device(self.device)                          # an unknown device or missing CUDA fails before any data is read
-    if get_entry(self.method).backbone: check_backbone_name(self.backbone)
-    if not self.method: raise ConfigError("method is empty")
-    if "pixel" not in get_entry(self.method).tasks: raise ConfigError(f"method {self.method!r} does not serve pixel data")
-    method_config(self.method, **self.method_kw)   # unknown or contradicting options fail here, before any data is read
+    self.train.check()                               # budget, grid, optimiser, amp and device: the rules every task shares
+    if not m.name: raise ConfigError("method is empty")
+    if get_entry(m.name).backbone: check_backbone_name(m.backbone)
+    if "pixel" not in get_entry(m.name).tasks: raise ConfigError(f"method {m.name!r} does not serve pixel data")
+    method_config(m.name, **m.kw)   # unknown or contradicting options fail here, before any data is read
     return self
-
-_GRID_KEYS = ("lr", "steps", "epochs", "weight_decay")   # what `select` may search on validation
 
 def check_backbone_name(name: str) -> str:
     "A backbone name that load_backbone can resolve, with its weights present, else one line saying how to fix it."
@@ -139,36 +121,36 @@ def check_backbone_name(name: str) -> str:
 @patch(as_prop=True)
 def method_cfg(self: PixelExpCfg):
     "The method's configuration with method_kw applied."
-    return method_config(self.method, **self.method_kw)
+    return method_config(self.method.name, **self.method.kw)
 
 @patch(as_prop=True)
 def dataset_name(self: PixelExpCfg) -> str:
     "Folder name of the dataset: the manifest's name (for a YAML file too) or the .npz stem, plus generator parameters."
-    p = Path(self.dataset)
-    base = p.stem if p.suffix.lower() in (".npz", ".yaml", ".yml") else self.dataset
+    p = Path(self.data.dataset)
+    base = p.stem if p.suffix.lower() in (".npz", ".yaml", ".yml") else self.data.dataset
     if p.suffix.lower() in (".yaml", ".yml") and p.exists():
         from rs_prompt_lab.data.manifest import get_manifest
         base = get_manifest(p).name
     fmt = lambda v: "x".join(map(str, v)) if isinstance(v, (list, tuple)) else v
-    return _slug("-".join([base, *(f"{k}{fmt(v)}" for k, v in sorted(self.dataset_params.items()))]))
+    return _slug("-".join([base, *(f"{k}{fmt(v)}" for k, v in sorted(self.data.dataset_params.items()))]))
 
 @patch(as_prop=True)
 def cfg_name(self: PixelExpCfg) -> str:
     "Folder name of this configuration (`name`, or derived from the method and its settings)."
     if self.name: return _slug(self.name)
-    if not get_entry(self.method).backbone:   # scikit-learn: no backbone; features and PCA distinguish the rows
+    if not get_entry(self.method.name).backbone:   # scikit-learn: no backbone; features and PCA distinguish the rows
         mc = self.method_cfg
-        n = f"{self.method}-k{self.shots}" + (f"-pca{mc.pca_components}" if mc.pca_components else "")
-        n += f"-patch{self.patch_size}" if mc.features == "patch" else ""
+        n = f"{self.method.name}-k{self.data.shots}" + (f"-pca{mc.pca_components}" if mc.pca_components else "")
+        n += f"-patch{self.data.patch_size}" if mc.features == "patch" else ""
     else:
-        n = f"{self.method.split(':')[-1]}-{self.backbone}-k{self.shots}-p{self.patch_size}"
-        n += f"-kw{_short_hash(self.method_kw)}" if self.method_kw else ""       # method options never share a folder
-        n += f"-s{self.steps}" if self.steps else ""
-        n += "-mbudget" if self.budget == "method" else ""
-        n += f"-sel{_short_hash(self.select)}" if self.select else ""
-    n += f"-pool{self.pool}" if self.pool != "auto" else ""
-    n += f"-guard{self.guard}" if self.guard not in (0, "0") else ""
-    n += f"-blocks{self.block_size or ''}" if self.split_mode == "blocks" else ""
+        n = f"{self.method.name.split(':')[-1]}-{self.method.backbone}-k{self.data.shots}-p{self.data.patch_size}"
+        n += f"-kw{_short_hash(self.method.kw)}" if self.method.kw else ""       # method options never share a folder
+        n += f"-s{self.train.steps}" if self.train.steps else ""
+        n += "-mbudget" if self.train.budget == "method" else ""
+        n += f"-sel{_short_hash(self.train.select)}" if self.train.select else ""
+    n += f"-pool{self.data.pool}" if self.data.pool != "auto" else ""
+    n += f"-guard{self.data.guard}" if self.data.guard not in (0, "0") else ""
+    n += f"-blocks{self.data.block_size or ''}" if self.data.split_mode == "blocks" else ""
     return _slug(n + ("-quick" if self.quick else ""))
 
 @patch(as_prop=True)
@@ -185,8 +167,8 @@ def run_dir(self: PixelExpCfg, seed: int) -> Path:
 def effective(self: PixelExpCfg) -> dict:
     "Settings after `quick`: epochs, steps-per-epoch cap, test-pixel cap, trees."
     q = self.quick
-    mt = min(self.max_test_pixels or 1000, 1000) if q else self.max_test_pixels
-    return dict(epochs=1 if q else self.epochs, max_steps=8 if q else None, max_test_pixels=mt,
+    mt = min(self.data.max_test_pixels or 1000, 1000) if q else self.data.max_test_pixels
+    return dict(epochs=1 if q else self.train.epochs, max_steps=8 if q else None, max_test_pixels=mt,
                 rf_trees=min(getattr(self.method_cfg, "trees", 300), 50) if q else None)
 
 # %% ../nbs/44_experiment.ipynb #4adea133
@@ -211,28 +193,28 @@ def check_pixel_scene(scene: Scene, patch_size: int) -> Scene:
     return scene
 
 def load_scene(cfg: PixelExpCfg) -> Scene:
-    "The Scene described by `cfg` (manifest name / YAML / generator, or a Scene .npz), restricted to cfg.modalities."
+    "The Scene described by `cfg` (manifest name / YAML / generator, or a Scene .npz), restricted to cfg.data.modalities."
     from rs_prompt_lab.data.manifest import load_dataset
-    if Path(cfg.dataset).suffix.lower() == ".npz":
-        if cfg.dataset_params: raise ConfigError(f"{cfg.dataset} is a saved scene: it takes no dataset_params {sorted(cfg.dataset_params)}")
-        scene = Scene.load(Path(cfg.root or ".")/cfg.dataset if cfg.root and not Path(cfg.dataset).is_absolute() else cfg.dataset)
-    else: scene = load_dataset(cfg.dataset, root=cfg.root, **cfg.dataset_params)
+    if Path(cfg.data.dataset).suffix.lower() == ".npz":
+        if cfg.data.dataset_params: raise ConfigError(f"{cfg.data.dataset} is a saved scene: it takes no dataset_params {sorted(cfg.data.dataset_params)}")
+        scene = Scene.load(Path(cfg.data.root or ".")/cfg.data.dataset if cfg.data.root and not Path(cfg.data.dataset).is_absolute() else cfg.data.dataset)
+    else: scene = load_dataset(cfg.data.dataset, root=cfg.data.root, **cfg.data.dataset_params)
     if not isinstance(scene, Scene):
-        raise ConfigError(f"dataset {cfg.dataset!r} gives a {type(scene).__name__}, not a pixel scene; pixel experiments need a pixel-classification dataset")
-    return check_pixel_scene(select_modalities(scene, cfg.modalities), cfg.patch_size)
+        raise ConfigError(f"dataset {cfg.data.dataset!r} gives a {type(scene).__name__}, not a pixel scene; pixel experiments need a pixel-classification dataset")
+    return check_pixel_scene(select_modalities(scene, cfg.data.modalities), cfg.data.patch_size)
 
 # %% ../nbs/44_experiment.ipynb #a0b419f8
 def make_split(scene: Scene, cfg: PixelExpCfg, seed: int) -> Split:
     "Few-shot split of `scene` for `seed`: k per class from the official train pool (if any), val carved from it, official test or the rest."
-    if cfg.pool == "official" and "train" not in scene.splits:
+    if cfg.data.pool == "official" and "train" not in scene.splits:
         raise DataError(f"scene {scene.name!r} has no official 'train' split; use pool='all' (draw from every labelled pixel)")
-    pool = "train" if cfg.pool != "all" and "train" in scene.splits else None
-    test = cfg.test_split or ("test" if pool and "test" in scene.splits else "rest")
+    pool = "train" if cfg.data.pool != "all" and "train" in scene.splits else None
+    test = cfg.data.test_split or ("test" if pool and "test" in scene.splits else "rest")
     if test != "rest" and test not in scene.splits:
         raise DataError(f"scene {scene.name!r} has no split {test!r} to test on; it has {', '.join(scene.splits) or 'none'}")
-    if cfg.split_mode == "blocks" and test != "rest": raise ConfigError("split_mode='blocks' assigns whole blocks to test: use pool='all'")
-    return few_shot_split(scene, cfg.shots, seed, cfg.val_per_class, pool=pool, test=test, policy=cfg.policy,
-                          guard=cfg.guard, patch_size=cfg.patch_size, mode=cfg.split_mode, block_size=cfg.block_size)
+    if cfg.data.split_mode == "blocks" and test != "rest": raise ConfigError("split_mode='blocks' assigns whole blocks to test: use pool='all'")
+    return few_shot_split(scene, cfg.data.shots, seed, cfg.data.val_per_class, pool=pool, test=test, policy=cfg.data.policy,
+                          guard=cfg.data.guard, patch_size=cfg.data.patch_size, mode=cfg.data.split_mode, block_size=cfg.data.block_size)
 
 def fit_normalizers(scene: Scene, train_rc: np.ndarray, method: str = "zscore") -> dict:
     "{modality: BandNormalizer} fitted on the (N, 2) training pixels only."
@@ -282,13 +264,13 @@ def build_method(cfg: PixelExpCfg, scene: Scene, seed: int,
                  train_rc: np.ndarray | None = None, # training pixels (N, 2): input modules with a PCA fit it on them
                  norms: dict | None = None, # the run's normalisers (the PCA sees the same normalised values as the batches)
                 ):
-    "Seed, then build cfg.method on cfg.backbone for `scene` (fitting its input modules on the training pixels)."
-    e = get_entry(cfg.method)
+    "Seed, then build cfg.method.name on cfg.method.backbone for `scene` (fitting its input modules on the training pixels)."
+    e = get_entry(cfg.method.name)
     seed_everything(seed)
-    model = create_method(cfg.method, cfg.backbone if e.backbone else None, scene_spec(scene, cfg.patch_size), **cfg.method_kw)
+    model = create_method(cfg.method.name, cfg.method.backbone if e.backbone else None, scene_spec(scene, cfg.data.patch_size), **cfg.method.kw)
     needs = isinstance(model, torch.nn.Module) and any(getattr(m, "needs_fit", False) for m in model.modules())
     if needs:
-        if train_rc is None: raise ConfigError(f"method {cfg.method!r} fits its input on the training pixels: pass train_rc")
+        if train_rc is None: raise ConfigError(f"method {cfg.method.name!r} fits its input on the training pixels: pass train_rc")
         hsi = next(iter(scene.modalities))
         x = scene.modalities[hsi][train_rc[:, 0], train_rc[:, 1]]  # (N, C) training spectra only
         fit_inputs(model, norms[hsi].transform(x) if norms and hsi in norms else x)
@@ -303,12 +285,12 @@ def _cap(rc: np.ndarray, n: int | None, seed: int) -> np.ndarray:
 # %% ../nbs/44_experiment.ipynb #be3f352f
 def budget_points(cfg: PixelExpCfg, eff: dict) -> list:
     "The training settings to try, [{lr, steps, epochs, weight_decay}]: the configured (or the method's) budget, times the `select` grid."
-    e = get_entry(cfg.method)
-    base = {"lr": cfg.lr, "steps": cfg.steps, "epochs": eff["epochs"], "weight_decay": cfg.weight_decay}
-    if cfg.budget == "method":
-        if not e.budget: raise ConfigError(f"method {cfg.method!r} has no registry budget; use budget='cfg' with epochs/steps/lr")
-        base.update(lr=e.budget.get("lr", cfg.lr), steps=e.budget.get("steps", cfg.steps))
-    grid = [dict(zip(cfg.select, vals)) for vals in itertools.product(*cfg.select.values())] if cfg.select else [{}]
+    e = get_entry(cfg.method.name)
+    base = {"lr": cfg.train.lr, "steps": cfg.train.steps, "epochs": eff["epochs"], "weight_decay": cfg.train.weight_decay}
+    if cfg.train.budget == "method":
+        if not e.budget: raise ConfigError(f"method {cfg.method.name!r} has no registry budget; use budget='cfg' with epochs/steps/lr")
+        base.update(lr=e.budget.get("lr", cfg.train.lr), steps=e.budget.get("steps", cfg.train.steps))
+    grid = [dict(zip(cfg.train.select, vals)) for vals in itertools.product(*cfg.train.select.values())] if cfg.train.select else [{}]
     pts = [{**base, **g} for g in grid]
     if cfg.quick: pts = [dict(p, steps=None, epochs=1) for p in pts]
     return pts
@@ -318,10 +300,10 @@ def _train_point(cfg: PixelExpCfg, model, train, val, pt: dict, seed: int, out_d
     from rs_prompt_lab.train import TrainCfg, Trainer
     spe = min(eff["max_steps"], len(train)) if eff["max_steps"] else len(train)
     epochs = max(1, math.ceil(pt["steps"] / spe)) if pt.get("steps") else pt["epochs"]
-    tc = TrainCfg(epochs=epochs, lr=pt["lr"], weight_decay=pt["weight_decay"], batch_size=cfg.batch_size, warmup_epochs=min(cfg.warmup_epochs, epochs - 1),
-                  amp=cfg.amp, device=cfg.device, seed=seed, out_dir=out_dir, num_workers=cfg.num_workers,
+    tc = TrainCfg(epochs=epochs, lr=pt["lr"], weight_decay=pt["weight_decay"], batch_size=cfg.train.batch_size, warmup_epochs=min(cfg.train.warmup_epochs, epochs - 1),
+                  amp=cfg.train.amp, device=cfg.train.device, seed=seed, out_dir=out_dir, num_workers=cfg.train.num_workers,
                   steps_per_epoch=spe if eff["max_steps"] else None, progress=cfg.progress)
-    tr = Trainer(model, method_loss, train if cfg.num_workers == 0 else train.dataloader(cfg.num_workers), val, tc)
+    tr = Trainer(model, method_loss, train if cfg.train.num_workers == 0 else train.dataloader(cfg.train.num_workers), val, tc)
     t0 = time.time(); tr.fit(resume=(out_dir/"last.pt").exists())
     if tr.is_main: save_training_curve(tr.history, out_dir/"curve.png", f"{cfg.cfg_name} seed {seed}: lr {pt['lr']:g}, {epochs * spe} steps", tr.best_epoch)
     return tr, {**pt, "epochs": epochs, "steps": epochs * spe, "best_epoch": tr.best_epoch, "best_val_oa": tr.best_score,
@@ -330,16 +312,16 @@ def _train_point(cfg: PixelExpCfg, model, train, val, pt: dict, seed: int, out_d
 def _run_deep(scene: Scene, split: Split, cfg: PixelExpCfg, seed: int, rd: Path, eff: dict, norms: dict, test_rc) -> dict:
     "Train every budget point with validation selection, keep the best on validation, then predict the test pixels once."
     from rs_prompt_lab.train import count_parameters, predict
-    S = lambda rc, bs, sh: PatchSampler(scene, rc, cfg.patch_size, bs, shuffle=sh, seed=seed, to_torch=True, normalizers=norms)
-    train = S(split.train, cfg.batch_size, True)
-    val = S(split.val, cfg.eval_batch_size, False) if len(split.val) else None
+    S = lambda rc, bs, sh: PatchSampler(scene, rc, cfg.data.patch_size, bs, shuffle=sh, seed=seed, to_torch=True, normalizers=norms)
+    train = S(split.train, cfg.train.batch_size, True)
+    val = S(split.val, cfg.train.eval_batch_size, False) if len(split.val) else None
     pts, best, grid = budget_points(cfg, eff), None, []
     if len(pts) > 1 and val is None: raise ConfigError("select needs validation pixels to choose on (val_per_class >= 1); the test set is never used")
     for i, pt in enumerate(pts):
         model = build_method(cfg, scene, seed, split.train, norms)
         n_tr, n_tot = count_parameters(model)
-        out, device = {"trainable_params": n_tr, "total_params": n_tot}, rank_device(cfg.device)
-        if not n_tr: log.info(f"{cfg.method} has no trainable parameters: evaluation only"); best = (model, out, device, 0); break
+        out, device = {"trainable_params": n_tr, "total_params": n_tot}, rank_device(cfg.train.device)
+        if not n_tr: log.info(f"{cfg.method.name} has no trainable parameters: evaluation only"); best = (model, out, device, 0); break
         tr, rec = _train_point(cfg, model, train, val, pt, seed, rd/"train" if len(pts) == 1 else rd/"train"/f"grid{i}", eff)
         grid.append(rec)
         if best is None or (rec["best_val_oa"] or 0) > (best[1].get("best_val_oa") or 0): best = (model, dict(out, **rec), tr.device, i)
@@ -350,13 +332,13 @@ def _run_deep(scene: Scene, split: Split, cfg: PixelExpCfg, seed: int, rd: Path,
     t0 = time.time()
     if hasattr(model, "prepare_inference"):
         with torch.inference_mode(): model.prepare_inference()
-    pred, y = predict(model, S(test_rc, cfg.eval_batch_size, False), device, cfg.amp, return_preds=True, progress=cfg.progress and is_main(),
+    pred, y = predict(model, S(test_rc, cfg.train.eval_batch_size, False), device, cfg.train.amp, return_preds=True, progress=cfg.progress and is_main(),
                       distributed=is_distributed())   # under torchrun the ranks share the test batches
     return dict(out, test_seconds=round(time.time() - t0, 3), y_true=index_to_ids(y.numpy()), y_pred=index_to_ids(pred.numpy()))
 
 def _run_classical(model, scene: Scene, split: Split, cfg: PixelExpCfg, seed: int, eff: dict, norms: dict, test_rc) -> dict:
     "Fit the SVM / random forest with validation selection, then predict the test pixels once."
-    F = lambda rc: pixel_features(scene, rc, norms, model.cfg.features, cfg.patch_size)
+    F = lambda rc: pixel_features(scene, rc, norms, model.cfg.features, cfg.data.patch_size)
     lab = lambda rc: scene.labels[rc[:, 0], rc[:, 1]]
     t0 = time.time()
     sel = model.fit(F(split.train), lab(split.train), F(split.val), lab(split.val), seed, eff["rf_trees"])
@@ -397,11 +379,11 @@ def run_seed(scene: Scene, cfg: PixelExpCfg, seed: int,
     eff, rd = cfg.effective(), cfg.run_dir(seed)
     check_same(cfg, rd)
     split = make_split(scene, cfg, seed)
-    classical = not get_entry(cfg.method).backbone
+    classical = not get_entry(cfg.method.name).backbone
     if classical and cfg.method_cfg.pca_components:
         hsi = next(iter(scene.modalities))
         scene, _ = pca_reduce(scene, hsi, cfg.method_cfg.pca_components, fit_mask=split.mask("train", scene.shape), seed=seed)
-    norms = fit_normalizers(scene, split.train, cfg.normalise)
+    norms = fit_normalizers(scene, split.train, cfg.data.normalise)
     data_hash = data_hash or data_fingerprint(scene)
     check_resumable(rd, split.hash(), data_hash)   # an interrupted seed resumes only on the same data and split
     rd.mkdir(parents=True, exist_ok=True)
@@ -414,14 +396,14 @@ def run_seed(scene: Scene, cfg: PixelExpCfg, seed: int,
     sp = {"file": getattr(sfile, "name", None), "hash": split.hash(), "kind": split.kind, "k": split.k, "counts": split.counts,
           "fingerprint": split.fingerprint, "pool": split.meta.get("pool"), "test": split.meta.get("test"), "n_test_evaluated": len(test_rc),
           "mode": split.mode, "guard": split.guard, "guard_removed": split.meta.get("guard_removed", 0),
-          "leakage": leakage_report(split, cfg.patch_size, scene.shape)}
+          "leakage": leakage_report(split, cfg.data.patch_size, scene.shape)}
     if main: save_json({"cfg": cfg.to_dict(), "seed": seed, "effective": eff, "dataset": info, "split": sp, "provenance": provenance()}, rd/"config.json")
     log.info(f"{cfg.cfg_name} seed {seed}: {split!r}, testing on {len(test_rc)} pixels")
     if classical: res = _run_classical(build_method(cfg, scene, seed), scene, split, cfg, seed, eff, norms, test_rc)
     else: res = _run_deep(scene, split, cfg, seed, rd, eff, norms, test_rc)
     yt, yp = res.pop("y_true"), res.pop("y_pred")
     rep = classification_report_dict(yt, yp, scene.class_names)
-    m = {"method": cfg.method, "dataset": cfg.dataset_name, "seed": seed, "split_hash": split.hash(), "quick": cfg.quick, **rep,
+    m = {"method": cfg.method.name, "dataset": cfg.dataset_name, "seed": seed, "split_hash": split.hash(), "quick": cfg.quick, **rep,
          **test_set_checks(yt, yp, scene.class_names), **res}
     if main: save_json(m, rd/"metrics.json")
     return m
@@ -431,8 +413,8 @@ def summarize(cfg: PixelExpCfg) -> dict:
     "summary.json of cfg_dir from the seeds' metrics.json files: mean ± std of OA, AA, kappa, per-class; and a text table."
     runs = [load_json(cfg.run_dir(s)/"metrics.json") for s in cfg.seeds if (cfg.run_dir(s)/"metrics.json").exists()]
     if not runs: raise DataError(f"{cfg.cfg_dir}: no finished seed (no seed*/metrics.json) to summarise")
-    s = {"exp": cfg.exp, "dataset": cfg.dataset_name, "cfg_name": cfg.cfg_name, "method": cfg.method,
-         "backbone": cfg.backbone if get_entry(cfg.method).backbone else None, "shots": cfg.shots, "patch_size": cfg.patch_size,
+    s = {"exp": cfg.exp, "dataset": cfg.dataset_name, "cfg_name": cfg.cfg_name, "method": cfg.method.name,
+         "backbone": cfg.method.backbone if get_entry(cfg.method.name).backbone else None, "shots": cfg.data.shots, "patch_size": cfg.data.patch_size,
          "quick": cfg.quick, **summarize_runs(runs, keys=("oa", "aa", "kappa", "per_class")), "warnings": warnings_of(runs)}
     s["table"] = format_summary(s)
     if is_main(): save_json(s, cfg.cfg_dir/"summary.json")
@@ -452,8 +434,8 @@ def run_pixel_experiment(cfg: PixelExpCfg, # the experiment
                         ) -> dict:
     "Run every unfinished seed of `cfg`, then write and return the summary (mean ± std over seeds)."
     cfg = cfg.check()   # an unknown method or option fails before any data is loaded
-    if get_entry(cfg.method).backbone: check_batch_split(cfg.batch_size)   # under torchrun: B / N rows per process
-    scene = check_pixel_scene(select_modalities(scene, cfg.modalities), cfg.patch_size) if scene is not None else load_scene(cfg)
+    if get_entry(cfg.method.name).backbone: check_batch_split(cfg.train.batch_size)   # under torchrun: B / N rows per process
+    scene = check_pixel_scene(select_modalities(scene, cfg.data.modalities), cfg.data.patch_size) if scene is not None else load_scene(cfg)
     data_hash = data_fingerprint(scene)
     def one(seed):
         m = run_seed(scene, cfg, seed, data_hash)
@@ -490,7 +472,7 @@ def load_run_model(rd: Path, cfg: PixelExpCfg, seed: int, scene: Scene) -> torch
 def classmap_from_run(run_dir, # a seed folder (or a configuration folder: its lowest seed)
                       out=None, # PNG path (default: run_dir/classmap.png); the .npy goes beside it
                       device: str = "auto", # where to run the model
-                      batch_size: int | None = None, # pixels per forward pass (default: cfg.eval_batch_size)
+                      batch_size: int | None = None, # pixels per forward pass (default: cfg.train.eval_batch_size)
                       root: str | None = None, # dataset folder, if it moved since training
                       progress: bool = True, # tqdm bar
                       memory_gb: float | None = None, # batch size from this memory budget (GB) instead of eval_batch_size
@@ -509,29 +491,29 @@ def classmap_from_run(run_dir, # a seed folder (or a configuration folder: its l
     cfg, seed = PixelExpCfg.from_dict(c["cfg"]), int(c["seed"])
     shape = c.get("dataset", {}).get("shape", [0, 0])
     if shape[0] == 1:
-        raise DataError(f"{cfg.dataset} is a pixel set (1 x {shape[1]} pixels without an image grid): there is no class map to draw; "
+        raise DataError(f"{cfg.data.dataset} is a pixel set (1 x {shape[1]} pixels without an image grid): there is no class map to draw; "
                         "train on a 2-D scene (e.g. houston2013 or synthetic-houston-like) for a map")
-    if not get_entry(cfg.method).backbone: raise ConfigError(f"{rd}: {cfg.method} runs keep no model; class maps are drawn for the neural methods")
+    if not get_entry(cfg.method.name).backbone: raise ConfigError(f"{rd}: {cfg.method.name} runs keep no model; class maps are drawn for the neural methods")
     if root is not None:   # the data moved: a manifest reads it under the new root, a saved scene is looked up there by its file name
-        moved = Path(root)/Path(cfg.dataset).name
-        cfg = cfg.replace(root=root, dataset=str(moved) if Path(cfg.dataset).suffix.lower() == ".npz" and not Path(cfg.dataset).exists() else cfg.dataset)
+        moved = Path(root)/Path(cfg.data.dataset).name
+        cfg = cfg.replace(root=root, dataset=str(moved) if Path(cfg.data.dataset).suffix.lower() == ".npz" and not Path(cfg.data.dataset).exists() else cfg.data.dataset)
     scene = load_scene(cfg)
-    if list(scene.shape) != list(shape): raise DataError(f"{cfg.dataset}: the scene is {scene.shape} but the run was trained on {tuple(shape)}")
+    if list(scene.shape) != list(shape): raise DataError(f"{cfg.data.dataset}: the scene is {scene.shape} but the run was trained on {tuple(shape)}")
     bands, was = {k: scene.n_bands(k) for k in scene.modalities}, c.get("dataset", {}).get("bands")
     if was is not None and bands != was:
-        raise DataError(f"{cfg.dataset}: the data has bands {bands} but the run at {rd} was trained on {was}; point --root at the data it was trained on")
+        raise DataError(f"{cfg.data.dataset}: the data has bands {bands} but the run at {rd} was trained on {was}; point --root at the data it was trained on")
     was_hash = c.get("dataset", {}).get("data_hash")
     now_hash = data_fingerprint(scene) if was_hash is not None else None
     if was_hash is not None and now_hash != was_hash:
-        raise DataError(f"{cfg.dataset}: the data differs from what the run at {rd} was trained on (data hash {was_hash} -> "
+        raise DataError(f"{cfg.data.dataset}: the data differs from what the run at {rd} was trained on (data hash {was_hash} -> "
                         f"{now_hash}); point --root at the data it was trained on")
     model = load_run_model(rd, cfg, seed, scene)
     partial = png.with_name(png.stem + ".partial.npz")
-    pred = predict_scene(model, scene, cfg.patch_size, None if memory_gb is not None else batch_size or cfg.eval_batch_size, device,
-                         normalizers=load_normalizers(rd/"normalizers.json"), progress=progress, amp=cfg.amp, memory_gb=memory_gb,
+    pred = predict_scene(model, scene, cfg.data.patch_size, None if memory_gb is not None else batch_size or cfg.train.eval_batch_size, device,
+                         normalizers=load_normalizers(rd/"normalizers.json"), progress=progress, amp=cfg.train.amp, memory_gb=memory_gb,
                          workers=workers, resume=partial if resume else None, resume_key=json.dumps({"cfg": c["cfg"], "seed": seed}, sort_keys=True),
                          compile=compile)
-    fig = render_classmap(pred, scene.class_names, gt=scene.labels, path=png, title=f"{cfg.method} ({cfg.backbone}), {cfg.dataset_name}, seed {seed}")
+    fig = render_classmap(pred, scene.class_names, gt=scene.labels, path=png, title=f"{cfg.method.name} ({cfg.method.backbone}), {cfg.dataset_name}, seed {seed}")
     npy = save_classmap(pred, png.with_suffix(".npy"))
     te = load_split_rc(rd)["test"]
     oa = float((pred[te[:, 0], te[:, 1]] == scene.labels[te[:, 0], te[:, 1]]).mean())

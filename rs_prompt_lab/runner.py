@@ -14,23 +14,28 @@ from .core import ConfigError, DataError, get_logger, load_json, save_json
 from .metrics import aggregate_seeds, format_mean_std, compare_to_reference, format_difference
 
 # %% auto #0
-__all__ = ['log', 'NOT_RESULT', 'HEADLINE', 'result_cfg', 'check_same', 'seed_lock', 'run_seeds', 'summarize_runs',
-           'test_set_checks', 'warnings_of', 'save_training_curve', 'collect_summaries', 'results_table',
-           'differences_table', 'configure_cli', 'headline_keys', 'results_report']
+__all__ = ['log', 'NOT_RESULT', 'AMP_MODES', 'HEADLINE', 'result_cfg', 'check_same', 'seed_lock', 'run_seeds', 'MethodChoice',
+           'FitCfg', 'summarize_runs', 'test_set_checks', 'warnings_of', 'save_training_curve', 'collect_summaries',
+           'results_table', 'differences_table', 'configure_cli', 'headline_keys', 'results_report']
 
 # %% ../nbs/43_runner.ipynb #8ff55efb
 log = get_logger(__name__)
-NOT_RESULT = ("seeds", "device", "num_workers", "progress", "out_dir", "root", "cache_dir")  # fields that do not change a seed's result
+NOT_RESULT = ("seeds", "device", "num_workers", "progress", "out_dir", "root", "cache_dir")  # flat names that do not change a seed's result
 
 def result_cfg(cfg) -> dict:
-    "The settings of `cfg` that determine a seed's result."
-    return {k: v for k, v in cfg.to_dict().items() if k not in NOT_RESULT}
+    "The settings of `cfg` that determine a seed's result, by flat name (sections flattened: `epochs`, not `train.epochs`)."
+    d = cfg.to_flat() if hasattr(cfg, "to_flat") else cfg.to_dict()
+    return {k: v for k, v in d.items() if k not in NOT_RESULT}
 
 def check_same(cfg, run_dir: Path) -> None:
-    "Refuse to reuse a run folder whose config.json was written by different settings."
+    "Refuse to reuse a run folder whose config.json was written by different settings (a flat config.json of an older version is read too)."
     p = Path(run_dir)/"config.json"
     if not p.exists(): return
     old = load_json(p).get("cfg", {})
+    if hasattr(cfg, "to_flat"):
+        try: old = result_cfg(type(cfg).from_dict(old))
+        except ConfigError as e: raise ConfigError(f"{run_dir} holds a run whose config.json this version cannot read ({e}); "
+                                                   "pass another name/out_dir or delete the folder") from None
     new = result_cfg(cfg)
     diff = sorted(k for k, v in new.items() if old.get(k, v) != v)
     if diff: raise ConfigError(f"{run_dir} holds a run with different settings ({', '.join(f'{k}: {old.get(k)!r} -> {new[k]!r}' for k in diff[:3])}); "
@@ -74,6 +79,63 @@ def run_seeds(cfg, # a protocol config: seeds, run_dir(seed), to_dict()
             else: run_one(seed); ran.append(seed)
         barrier()   # rank 0's files of this seed exist before any rank reads them
     return ran
+
+# %% ../nbs/43_runner.ipynb #c69b6897
+import math
+from dataclasses import dataclass, field
+from .config import Cfg
+from .core import check_choice, check_int, check_positive, get_device
+
+@dataclass
+class MethodChoice(Cfg):
+    "Which method, with which options, on which frozen backbone."
+    name: str = "cfipt"                      # a registry name (methods.list_methods) or 'pkg.module:factory'
+    kw: dict = field(default_factory=dict)   # method options: fields of the method's config (methods.method_config)
+    backbone: str = "rs-tiny"                # backbones.load_backbone name (unused by methods without one, e.g. svm / rf)
+
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+@dataclass
+class FitCfg(Cfg):
+    "How a method trains: its budget, the validation grid, the optimiser, batch sizes and hardware."
+    GRID = ("lr", "steps", "epochs", "weight_decay")   # what `select` may search
+    budget: str = "cfg"                      # 'cfg': epochs/steps/lr as set here; 'method': the steps and lr of the method's registry entry
+    epochs: int = 20                         # training epochs (budget='cfg' without steps)
+    steps: int | None = None                 # optimiser steps in total, rounded up to whole epochs (overrides epochs)
+    select: dict = field(default_factory=dict)  # validation grid, e.g. {'lr': [1e-3, 3e-3]}: the best validation score is kept
+    batch_size: int = 64                     # training batch size
+    eval_batch_size: int = 256               # samples per forward pass at validation / test time
+    lr: float = 2e-3                         # peak learning rate (AdamW, cosine schedule)
+    weight_decay: float = 0.0                # AdamW weight decay
+    warmup_epochs: float = 1.0               # linear warm-up
+    amp: str = "auto"                        # mixed precision (see train.resolve_amp)
+    device: str = "auto"                     # 'auto', 'cpu', 'cuda', 'cuda:N'
+
+    def check(self) -> "FitCfg":
+        "Validate the training section (the same rules for every task); return self."
+        check_choice(self.budget, ["cfg", "method"], "training budget")
+        check_choice(self.amp, AMP_MODES, "amp mode")
+        for n in ("epochs", "batch_size", "eval_batch_size"): check_int(getattr(self, n), n, 1)
+        if self.steps is not None: check_int(self.steps, "steps", 1)
+        check_positive(self.lr, "lr")
+        for n in ("weight_decay", "warmup_epochs"):
+            v = getattr(self, n)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{n} must be a finite number >= 0, got {v!r}")
+        if self.budget == "method" and self.steps is not None:
+            raise ConfigError("budget='method' takes the steps from the method's registry entry; drop --steps, or use budget='cfg'")
+        bad = [k for k in self.select if k not in self.GRID]
+        if bad: raise ConfigError(f"select can search {', '.join(self.GRID)}, not {bad[0]!r}")
+        if "epochs" in self.select and (self.steps is not None or self.budget == "method"):
+            raise ConfigError("select over epochs has no effect while a step budget is set (steps override epochs); search 'steps' instead")
+        for k, vals in self.select.items():
+            if not isinstance(vals, (list, tuple)) or not vals: raise ConfigError(f"select[{k!r}] must be a non-empty list of values, got {vals!r}")
+            for x in vals:
+                if k in ("steps", "epochs"): check_int(x, f"every select {k} value", 1)
+                elif not (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 if k == "lr" else x >= 0)):
+                    raise ConfigError(f"every select {k} value must be a finite number {'> 0' if k == 'lr' else '>= 0'}, got {x!r}")
+        get_device(self.device)   # an unknown device or missing CUDA fails before any data is read
+        return self
 
 # %% ../nbs/43_runner.ipynb #7bd19119
 def summarize_runs(runs: Sequence[dict], # metrics.json of each finished seed

@@ -90,7 +90,7 @@ def cfg_from_args(a: argparse.Namespace):
     seeds = a.seeds if a.seeds is not None else [a.seed if a.seed is not None else 0]
     cfg = _cfg_from_ns(PixelExpCfg, a, flags=_FLAGS, method=a.method, seeds=seeds)
     extra = {k: v for k, v in (("pca_components", a.pca), ("features", a.features)) if v is not None}
-    return cfg.replace(method_kw={**cfg.method_kw, **extra}).check()
+    return cfg.replace(method_kw={**cfg.method.kw, **extra}).check()
 
 def _cli_train(a) -> int:
     from rs_prompt_lab.experiment import run_pixel_experiment

@@ -19,7 +19,7 @@ SMALL = {"n_per_class": 5}
 def _cfg(tmp_path, **kw):
     base = dict(dataset_params=SMALL, supported="synthetic-scenes:domain=aerial-rgb,n_per_class=5", seeds=[0], quick=True,
                 out_dir=tmp_path / "runs", progress=False, device="cpu")
-    return AlignExpCfg(**{**base, **kw})
+    return AlignExpCfg.from_flat(**{**base, **kw})
 
 
 # (a) the CLI, both stages, and the table ---------------------------------------------------------------------------------
@@ -61,7 +61,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, args, msg):
 def test_supported_task_has_its_own_folder():
     from rs_prompt_lab.align.protocol import load_data
     with pytest.raises(DataError, match="/nowhere/patternnet/images"):   # 'NAME:root=DIR', not the paired dataset's root
-        load_data(AlignExpCfg(supported="patternnet:root=/nowhere/patternnet", quick=True))
+        load_data(AlignExpCfg.from_flat(supported="patternnet:root=/nowhere/patternnet", quick=True))
 
 
 # (b) an interrupted fine-tune resumes to the uninterrupted result -------------------------------------------------------
@@ -94,7 +94,7 @@ def test_changed_settings_never_reuse_a_folder(tmp_path):
 def test_bigearthnet_pairs_through_the_protocol(shared_data):
     from rs_prompt_lab.backbones import load_backbone
     from rs_prompt_lab.zeroshot import ZeroShotHead
-    cfg = AlignExpCfg(dataset="bigearthnet-mm", root=str(shared_data / "bigearthnet_mm"), student="s1", quick=True)
+    cfg = AlignExpCfg.from_flat(dataset="bigearthnet-mm", root=str(shared_data / "bigearthnet_mm"), student="s1", quick=True)
     ds = load_pairs(cfg)
     assert len(ds.class_names) == 19 and ds.class_names[0] == "Urban fabric" and ds.labels.shape == (len(ds), 19)
     assert ds.labels.sum(1).min() >= 1                                         # every real patch keeps a 19-class label

@@ -40,7 +40,7 @@ CHECK = 5            # steps between eval-mode checks of the training batch
 #   learning is usually run at higher lr, and 5e-3 needed up to 2x fewer steps than 3e-3 (cocoop seed 0: 40 vs 55).
 # - maple: deep prompts in both towers, fast already at 3e-3.
 # - cfipt and its ablations: ~0.3 M trainable parameters (MFPG, IAE, S2GPT, deep prompts) at the protocol's default
-#   lr 2e-3 (PixelExpCfg.lr); at 5e-3 the eval-mode loss oscillated (seed 0: 0.77 -> 4.9 -> 0.04, acc 0.96 at 40).
+#   lr 2e-3 (PixelFitCfg.lr); at 5e-3 the eval-mode loss oscillated (seed 0: 0.77 -> 4.9 -> 0.04, acc 0.96 at 40).
 #   They cost ~0.5-0.8 s a step (per-image text prompts through S2GPT), the most of all.
 BUDGET = {
     "linear-probe": (3e-3, 20),

@@ -64,7 +64,7 @@ def scene_npz(tmp_path_factory):
 def test_run_two_seeds_files_summary_and_resume(tmp_path):
     register_method(MethodEntry("standin", ("pixel",), standin_method), overwrite=True)
     scene = two_d_scene()
-    cfg = PixelExpCfg(dataset="tiny2d", method="standin", backbone="random:rs-tiny", shots=8, val_per_class=4, seeds=[0, 1],
+    cfg = PixelExpCfg.from_flat(dataset="tiny2d", method="standin", backbone="random:rs-tiny", shots=8, val_per_class=4, seeds=[0, 1],
                       patch_size=3, epochs=3, lr=0.05, batch_size=8, out_dir=tmp_path, quick=True, progress=False)
     s = run_pixel_experiment(cfg, scene)
     ms = []
@@ -108,13 +108,13 @@ def test_run_two_seeds_files_summary_and_resume(tmp_path):
 def test_bad_configs_are_refused(tmp_path):
     scene = two_d_scene()
     with pytest.raises(ConfigError, match="patch_size must be odd"):
-        run_pixel_experiment(PixelExpCfg(method="svm", patch_size=4, out_dir=tmp_path), scene)
+        run_pixel_experiment(PixelExpCfg.from_flat(method="svm", patch_size=4, out_dir=tmp_path), scene)
     with pytest.raises(ConfigError, match="too large"):
-        run_pixel_experiment(PixelExpCfg(method="svm", patch_size=41, out_dir=tmp_path), scene)
+        run_pixel_experiment(PixelExpCfg.from_flat(method="svm", patch_size=41, out_dir=tmp_path), scene)
     with pytest.raises(ConfigError, match="fewer than k=40"):
-        run_pixel_experiment(PixelExpCfg(method="svm", shots=40, patch_size=1, out_dir=tmp_path), scene)
+        run_pixel_experiment(PixelExpCfg.from_flat(method="svm", shots=40, patch_size=1, out_dir=tmp_path), scene)
     with pytest.raises(ConfigError, match="cannot import"):
-        run_pixel_experiment(PixelExpCfg(method="no_such_mod:f", shots=4, patch_size=1, out_dir=tmp_path, progress=False), scene)
+        run_pixel_experiment(PixelExpCfg.from_flat(method="no_such_mod:f", shots=4, patch_size=1, out_dir=tmp_path, progress=False), scene)
 
 
 # (b) SVM / RF on the real Houston2013 pixels -------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def test_bad_configs_are_refused(tmp_path):
 @pytest.mark.realdata
 @pytest.mark.parametrize("method", ["svm", "rf"])
 def test_classical_on_real_houston_pixels(shared_data, tmp_path, method):
-    cfg = PixelExpCfg(dataset="houston2013-pixelset", root=str(shared_data / "houston2013"), method=method, shots=40,
+    cfg = PixelExpCfg.from_flat(dataset="houston2013-pixelset", root=str(shared_data / "houston2013"), method=method, shots=40,
                       val_per_class=10, seeds=[0], patch_size=1, out_dir=tmp_path, progress=False,
                       method_kw={"trees": 100, "max_features": ["sqrt"]} if method == "rf" else {})
     s = run_pixel_experiment(cfg)
@@ -202,11 +202,11 @@ def test_cli_errors(tmp_path, scene_npz, capsys):
 
 def test_cocoop_through_the_registry(tmp_path):
     "CoCoOp (new this wave) trains on the pixel task through the registry and the runner, with its PCA input fitted."
-    cfg = PixelExpCfg(dataset="tiny2d", method="cocoop", backbone="random:rs-tiny", shots=6, val_per_class=3, seeds=[0],
+    cfg = PixelExpCfg.from_flat(dataset="tiny2d", method="cocoop", backbone="random:rs-tiny", shots=6, val_per_class=3, seeds=[0],
                       patch_size=3, epochs=2, batch_size=6, out_dir=tmp_path, quick=True, progress=False, method_kw={"n_ctx": 2})
     s = run_pixel_experiment(cfg, two_d_scene())
     m = load_json(cfg.run_dir(0) / "metrics.json")
     assert m["trainable_params"] > 0 and m["epochs_done"] == 1 and 0 <= m["oa"] <= 1
-    assert s["method"] == "cocoop" and "n_ctx" in load_json(cfg.run_dir(0) / "config.json")["cfg"]["method_kw"]
+    assert s["method"] == "cocoop" and "n_ctx" in load_json(cfg.run_dir(0) / "config.json")["cfg"]["method"]["kw"]
     with pytest.raises(ConfigError, match="has no option 'n_cxt'"):
         run_pixel_experiment(cfg.replace(method_kw={"n_cxt": 2}), two_d_scene())

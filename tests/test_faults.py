@@ -103,7 +103,7 @@ def test_vanished_classes_and_collapse_are_flagged(tmp_path):
     scene = tiny2d()
     test = scene.splits["test"] & (scene.labels != 3)             # the official test map holds no 'water' pixel
     scene = Scene(scene.modalities, scene.labels, scene.class_names, splits={"train": scene.splits["train"], "test": test}, name="tiny2d")
-    cfg = PixelExpCfg(dataset="tiny2d", method="constant", shots=6, val_per_class=3, seeds=[0], patch_size=3, epochs=1, lr=1e-6,
+    cfg = PixelExpCfg.from_flat(dataset="tiny2d", method="constant", shots=6, val_per_class=3, seeds=[0], patch_size=3, epochs=1, lr=1e-6,
                       out_dir=tmp_path, progress=False, device="cpu")
     s = run_pixel_experiment(cfg, scene)
     m = load_json(cfg.run_dir(0) / "metrics.json")
@@ -199,7 +199,7 @@ def test_relative_data_path_is_recorded_absolute(tmp_path, npz):
     rc, _, err = rs_lab("train", "cfipt", "--data", npz.name, "--out", "runs", "--backbone", "random:rs-tiny", "--quick", *TRAIN, cwd=tmp_path)
     assert rc == 0, err
     rd = next((tmp_path / "runs" / "pixel" / "tiny2d").iterdir()) / "seed0"
-    assert load_json(rd / "config.json")["cfg"]["dataset"] == str(npz.resolve())
+    assert load_json(rd / "config.json")["cfg"]["data"]["dataset"] == str(npz.resolve())
     rc, out, err = rs_lab("classmap", rd, "--device", "cpu", "--no-progress", cwd=other)
     assert rc == 0, err
     moved = tmp_path / "moved"; moved.mkdir(); shutil.move(str(npz), moved / npz.name)

@@ -188,7 +188,7 @@ def test_projection_with_the_trainer_helpers(clip, pixels):
 def test_projection_runner_protocol(clip, pixels, tiny_scene):
     "experiment.build_method fits the projection on the scene's (normalised) HSI training pixels."
     from rs_prompt_lab.experiment import PixelExpCfg, build_method
-    cfg = PixelExpCfg(dataset="tiny", method="coop", method_kw={"input": "projection"}, backbone="random:rs-tiny", patch_size=3)
+    cfg = PixelExpCfg.from_flat(dataset="tiny", method="coop", method_kw={"input": "projection"}, backbone="random:rs-tiny", patch_size=3)
     rc = np.argwhere(tiny_scene.splits["train"])
     m = build_method(cfg, tiny_scene, 0, rc)
     assert isinstance(m.input, ProjectionInput) and m.input.fitted

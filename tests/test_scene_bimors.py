@@ -25,7 +25,7 @@ def clip():
 def _cfg(tmp_path, **kw):
     base = dict(dataset_params={"n_per_class": 12, "domain": "sentinel-like"}, shots=4, val_shots=2, seeds=[1], quick=True,
                 out_dir=tmp_path / "runs", cache_dir=str(tmp_path / "cache"), progress=False)
-    return SceneExpCfg(**{**base, **kw})
+    return SceneExpCfg.from_flat(**{**base, **kw})
 
 
 # (a) real data ---------------------------------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def test_bert_caption_encoder_through_the_command(tmp_path, capsys):
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(d)
     BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(d)
-    assert SceneExpCfg(caption_encoder=f"bert:{d}").check().caption_encoder.startswith("bert:")
+    assert SceneExpCfg.from_flat(caption_encoder=f"bert:{d}").check().method.caption_encoder.startswith("bert:")
     rc = main(["train", "bimors", "--protocol", "fewshot", *SMALL, "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"),
                "--caption-encoder", f"bert:{d}"])
     assert rc == 0, capsys.readouterr().err

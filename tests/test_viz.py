@@ -170,7 +170,7 @@ def test_run_views_from_a_runner_folder(tmp_path):
     rng = np.random.default_rng(0)
     lab = rng.integers(1, 4, (10, 12))
     scene = Scene({"hsi": lab[..., None] * np.linspace(.5, 1.5, 6) + rng.normal(0, .3, (10, 12, 6))}, lab, {1: "grass", 2: "road", 3: "water"}, name="tiny2d")
-    cfg = PixelExpCfg(dataset="tiny2d", method="viz-standin", backbone="random:rs-tiny", shots=6, val_per_class=2, seeds=[0, 1], pool="all",
+    cfg = PixelExpCfg.from_flat(dataset="tiny2d", method="viz-standin", backbone="random:rs-tiny", shots=6, val_per_class=2, seeds=[0, 1], pool="all",
                       patch_size=3, epochs=3, lr=0.05, batch_size=8, out_dir=tmp_path, progress=False)
     run_pixel_experiment(cfg, scene)
     runs = find_runs(tmp_path)

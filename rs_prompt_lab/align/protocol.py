@@ -23,12 +23,13 @@ from .student import (AlignModel, PairCollate, SensorStudent, evaluate_alignment
                                          cross_modal_retrieval, s1_stack, s2_stack, s2_rgb_composite, RECALL_KS)
 
 # %% auto #0
-__all__ = ['STAGES', 'PAIRS_PARAMS', 'STUDENT_ARCHS', 'log', 'COMPACT_KEYS', 'AlignExpCfg', 'paint_cfg', 'load_pairs',
-           'pair_collate', 'PairItems', 'pair_loader', 'splits_of', 'composite', 'tower_embed', 'head_score',
-           'alpha_key', 'supported_sets', 'score_alphas', 'select_alpha', 'load_theta_ft', 'run_paint_seed',
-           'linear_probe', 'clip_baseline', 'teacher_alpha_of', 'build_student', 'run_align_seed', 'load_data',
-           'summarize_align', 'run_align_experiment', 'format_align_summary', 'alignment_table', 'alpha_differences',
-           'compact_labels', 'PaintOptions', 'StudentOptions', 'build_paint', 'build_align']
+__all__ = ['STAGES', 'PAIRS_PARAMS', 'STUDENT_ARCHS', 'log', 'COMPACT_KEYS', 'PairDataCfg', 'AlignMethodCfg', 'StageFit',
+           'AlignFitCfg', 'AlignExpCfg', 'paint_cfg', 'load_pairs', 'pair_collate', 'PairItems', 'pair_loader',
+           'splits_of', 'composite', 'tower_embed', 'head_score', 'alpha_key', 'supported_sets', 'score_alphas',
+           'select_alpha', 'load_theta_ft', 'run_paint_seed', 'linear_probe', 'clip_baseline', 'teacher_alpha_of',
+           'build_student', 'run_align_seed', 'load_data', 'summarize_align', 'run_align_experiment',
+           'format_align_summary', 'alignment_table', 'alpha_differences', 'compact_labels', 'PaintOptions',
+           'StudentOptions', 'build_paint', 'build_align']
 
 # %% ../../nbs/82_align.protocol.ipynb #9d90b573
 STAGES = ("paint", "align")
@@ -39,34 +40,53 @@ _ALIGN_ONLY = ("student", "student_arch", "student_init", "teacher_alpha", "alig
                "align_batch_size")
 
 @dataclass
-class AlignExpCfg(Cfg):
-    "Modality alignment: PAINT patching of CLIP's image tower ('paint'), then a new-sensor student distilled from it ('align')."
-    method: str = "paint"                    # 'paint' (stage 1) or 'align' (stage 2, after stage 1 when the teacher is patched)
+class PairDataCfg(Cfg):
+    "Which paired data, and the supported task that patching must not forget."
     dataset: str = "synthetic-pairs"         # 'synthetic-pairs' (embedded default) or a paired-modality manifest (bigearthnet-mm)
     root: str | None = None                  # dataset folder (file-based datasets)
     dataset_params: dict = field(default_factory=dict)  # synthetic-pairs overrides of PAIRS_PARAMS (n_per_class, size, domain, seed)
     bigearthnet_classes: int = 19            # BigEarthNet labels: 19 (the nomenclature the paper scores) or 43 (CLC level 3)
     supported: str = "synthetic-scenes:domain=aerial-rgb,n_per_class=20"  # supported task 'NAME[:key=value,...]' (root=DIR: its folder): scene classification the zero-shot model already does well
+
+@dataclass
+class AlignMethodCfg(Cfg):
+    "Which stage on which backbone: the zero-shot head, PAINT's interpolation and the new-sensor student."
+    name: str = "paint"                      # 'paint' (stage 1) or 'align' (stage 2, after stage 1 when the teacher is patched)
     backbone: str = "rs-tiny"                # backbones.load_backbone name
     templates: str = "rs"                    # zero-shot head templates: a zeroshot.TEMPLATE_SETS key
-    seeds: list = field(default_factory=lambda: [0, 1, 2])  # one run per seed (training order and initialisation; the data is fixed)
-    paint_steps: int = 200                   # stage 1: optimiser steps (rounded up to whole epochs)
-    paint_lr: float = 3e-4                   # stage 1: peak AdamW lr (the paper's 1e-5 is for ViT-B/32 on BigEarthNet)
-    paint_weight_decay: float = 0.5          # stage 1: the paper's weight decay
-    paint_batch_size: int = 32               # stage 1: batch size
     label_smoothing: float = 0.2             # stage 1: BCE label smoothing (multi-label targets)
     alphas: list = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # stage 1: interpolation weights scored
     student: str = "s2"                      # stage 2: the new modality: 's2' (13-band MS), 'sar' (synthetic VV/VH) or 's1' (BigEarthNet VV/VH)
     student_arch: str = "tiny"               # stage 2: 'tiny' (ViT width 192, 4 blocks, patch 8) or a timm ViT name (vit_small_patch16_224: the paper's)
     student_init: str | None = None          # stage 2: local checkpoint for the student trunk (SSL4EO-S12 style)
     teacher_alpha: float | str = "select"    # stage 2: teacher = patched tower at this alpha; 'select': best mean validation score of target and supported task
-    align_steps: int = 300                   # stage 2: optimiser steps
-    align_lr: float = 1e-3                   # stage 2: peak AdamW lr (the paper's 1e-4 is for ViT-S/16 from SSL4EO weights)
-    align_weight_decay: float = 0.05         # stage 2: AdamW weight decay
-    align_batch_size: int = 64               # stage 2: batch size
+
+@dataclass
+class StageFit(Cfg):
+    "One training stage: optimiser steps (rounded up to whole epochs), AdamW settings and batch size."
+    steps: int = 200                         # optimiser steps
+    lr: float = 3e-4                         # peak AdamW lr
+    weight_decay: float = 0.0                # AdamW weight decay
+    batch_size: int = 32                     # batch size
+
+@dataclass
+class AlignFitCfg(Cfg):
+    """How the two stages train. The paper's lr are for its backbones (PAINT 1e-5 for ViT-B/32 on BigEarthNet, the student 1e-4 for
+    ViT-S/16 from SSL4EO weights); tiny offline runs need larger ones (on rs-tiny, tens of images, 1e-5 barely moves the tower)."""
+    paint: StageFit = field(default_factory=lambda: StageFit(steps=200, lr=3e-4, weight_decay=0.5, batch_size=32))   # stage 1 (PAINT; weight decay 0.5 is the paper's)
+    align: StageFit = field(default_factory=lambda: StageFit(steps=300, lr=1e-3, weight_decay=0.05, batch_size=64))  # stage 2 (the student)
     eval_batch_size: int = 128               # images per forward pass at evaluation
     amp: str = "auto"                        # mixed precision (train.resolve_amp)
     device: str = "auto"                     # 'auto', 'cpu', 'cuda', 'cuda:N'
+
+@dataclass
+class AlignExpCfg(Cfg):
+    "Modality alignment: PAINT patching of CLIP's image tower ('paint'), then a new-sensor student distilled from it ('align')."
+    FLAT = {"method.name": "method"}
+    data: PairDataCfg = field(default_factory=PairDataCfg)  # which paired data
+    method: AlignMethodCfg = field(default_factory=AlignMethodCfg)  # which stage, head and student
+    train: AlignFitCfg = field(default_factory=AlignFitCfg)  # how the stages train
+    seeds: list = field(default_factory=lambda: [0, 1, 2])  # one run per seed (training order and initialisation; the data is fixed)
     quick: bool = False                      # smoke run: at most 4 steps per stage, <= 64 test pairs
     exp: str = "align"                       # experiment folder under out_dir
     name: str | None = None                  # configuration folder (default: derived from the stage and its settings)
@@ -81,54 +101,59 @@ def check(self: AlignExpCfg) -> AlignExpCfg:
     "Validate choices, ranges and names; return self."
     from rs_prompt_lab.experiment import check_backbone_name
     from rs_prompt_lab.zeroshot import TEMPLATE_SETS
-    check_choice(self.method, STAGES, "alignment stage (method)")
-    check_choice(self.student, ("s2", "sar", "s1"), "student modality")
-    check_choice(self.templates, list(TEMPLATE_SETS), "template set")
-    check_choice(self.amp, ["auto", "off", "bf16", "fp16"], "amp mode")
-    check_choice(self.bigearthnet_classes, [19, 43], "BigEarthNet nomenclature (bigearthnet_classes)")
-    for n in ("paint_steps", "paint_batch_size", "align_steps", "align_batch_size", "eval_batch_size"): check_int(getattr(self, n), n, 1)
+    check_choice(self.method.name, STAGES, "alignment stage (method)")
+    check_choice(self.method.student, ("s2", "sar", "s1"), "student modality")
+    check_choice(self.method.templates, list(TEMPLATE_SETS), "template set")
+    check_choice(self.train.amp, ["auto", "off", "bf16", "fp16"], "amp mode")
+    check_choice(self.data.bigearthnet_classes, [19, 43], "BigEarthNet nomenclature (bigearthnet_classes)")
+    for stage in STAGES:
+        st = getattr(self.train, stage)
+        for n in ("steps", "batch_size"): check_int(getattr(st, n), f"{stage}_{n}", 1)
+        check_positive(st.lr, f"{stage}_lr")
+        if not (isinstance(st.weight_decay, (int, float)) and math.isfinite(st.weight_decay) and st.weight_decay >= 0):
+            raise ConfigError(f"{stage}_weight_decay must be a finite number >= 0, got {st.weight_decay!r}")
+    check_int(self.train.eval_batch_size, "eval_batch_size", 1)
     check_seeds(self.seeds)
-    for n in ("paint_lr", "align_lr"): check_positive(getattr(self, n), n)
-    PaintCfg(alphas=list(self.alphas), label_smoothing=self.label_smoothing).check()
-    if self.teacher_alpha != "select": check_alpha(self.teacher_alpha)
-    if self.student_arch not in STUDENT_ARCHS and not str(self.student_arch).startswith("vit"):
-        raise ConfigError(f"student_arch {self.student_arch!r} is neither {', '.join(STUDENT_ARCHS)} nor a timm ViT name (e.g. vit_small_patch16_224)")
-    if self.student_init is not None and not Path(self.student_init).is_file():
+    PaintCfg(alphas=list(self.method.alphas), label_smoothing=self.method.label_smoothing).check()
+    if self.method.teacher_alpha != "select": check_alpha(self.method.teacher_alpha)
+    if self.method.student_arch not in STUDENT_ARCHS and not str(self.method.student_arch).startswith("vit"):
+        raise ConfigError(f"student_arch {self.method.student_arch!r} is neither {', '.join(STUDENT_ARCHS)} nor a timm ViT name (e.g. vit_small_patch16_224)")
+    if self.method.student_init is not None and not Path(self.method.student_init).is_file():
         from rs_prompt_lab.align.student import SSL4EO_WEIGHTS
-        raise ConfigError(f"student_init {self.student_init} does not exist; download {SSL4EO_WEIGHTS} to a local file, or drop --student-init for random init")
-    if self.dataset == "synthetic-pairs":
-        bad = [k for k in self.dataset_params if k not in PAIRS_PARAMS]
+        raise ConfigError(f"student_init {self.method.student_init} does not exist; download {SSL4EO_WEIGHTS} to a local file, or drop --student-init for random init")
+    if self.data.dataset == "synthetic-pairs":
+        bad = [k for k in self.data.dataset_params if k not in PAIRS_PARAMS]
         if bad: raise ConfigError(f"synthetic-pairs has no parameter {bad[0]!r}; parameters: {', '.join(PAIRS_PARAMS)}")
-    check_backbone_name(self.backbone)
-    get_device(self.device)
+    check_backbone_name(self.method.backbone)
+    get_device(self.train.device)
     return self
 
 # %% ../../nbs/82_align.protocol.ipynb #4b5d5c0c
 def _dataset_name(self: AlignExpCfg) -> str:
-    if self.dataset != "synthetic-pairs": return slug(Path(self.dataset).stem if str(self.dataset).endswith((".yaml", ".yml")) else self.dataset)
-    p = {**PAIRS_PARAMS, **self.dataset_params}
+    if self.data.dataset != "synthetic-pairs": return slug(Path(self.data.dataset).stem if str(self.data.dataset).endswith((".yaml", ".yml")) else self.data.dataset)
+    p = {**PAIRS_PARAMS, **self.data.dataset_params}
     return slug(f"synthetic-pairs-{p['domain']}-n{p['n_per_class']}-s{p['size']}" + (f"-seed{p['seed']}" if p["seed"] else ""))
 AlignExpCfg.dataset_name = property(_dataset_name)
 
 def paint_cfg(cfg: AlignExpCfg) -> AlignExpCfg:
     "The stage-1 configuration of `cfg`: method 'paint', stage-2 settings at their defaults."
-    d = AlignExpCfg()
-    return cfg.replace(method="paint", name=cfg.name if cfg.method == "paint" else None, **{k: getattr(d, k) for k in _ALIGN_ONLY})
+    d = AlignExpCfg().to_flat()
+    return cfg.replace(method="paint", name=cfg.name if cfg.method.name == "paint" else None, **{k: d[k] for k in _ALIGN_ONLY})
 
 def _stage_fields(cfg: AlignExpCfg) -> dict:
     keep = ("dataset", "dataset_params", "bigearthnet_classes", "supported", "backbone", "templates", "amp", "quick", *_PAINT_ONLY)
-    if cfg.method == "align": keep += _ALIGN_ONLY
-    return {k: v for k, v in cfg.to_dict().items() if k in keep}
+    if cfg.method.name == "align": keep += _ALIGN_ONLY
+    return {k: v for k, v in cfg.to_flat().items() if k in keep}   # flat names: folder hashes of runs made before the sections stay valid
 
 @patch(as_prop=True)
 def cfg_name(self: AlignExpCfg) -> str:
     "Folder name of this configuration (`name`, or the stage, its readable settings and a hash of the rest)."
     if self.name: return slug(self.name)
     h = short_hash(_stage_fields(self))
-    if self.method == "paint": n = f"paint-{self.backbone}-s{self.paint_steps}-lr{self.paint_lr:g}-{h}"
+    if self.method.name == "paint": n = f"paint-{self.method.backbone}-s{self.train.paint.steps}-lr{self.train.paint.lr:g}-{h}"
     else:
-        a = self.teacher_alpha if self.teacher_alpha == "select" else f"{float(self.teacher_alpha):g}"
-        n = f"align-{self.student}-{self.student_arch}-teacher{a}-s{self.align_steps}-lr{self.align_lr:g}-{h}"
+        a = self.method.teacher_alpha if self.method.teacher_alpha == "select" else f"{float(self.method.teacher_alpha):g}"
+        n = f"align-{self.method.student}-{self.method.student_arch}-teacher{a}-s{self.train.align.steps}-lr{self.train.align.lr:g}-{h}"
     return slug(n + ("-quick" if self.quick else ""))
 
 @patch(as_prop=True)
@@ -141,20 +166,20 @@ def run_dir(self: AlignExpCfg, seed: int) -> Path: return self.cfg_dir/f"seed{in
 log = get_logger(__name__)
 
 def load_pairs(cfg: AlignExpCfg, student: str | None = None):
-    "The PairedModalityDataset of `student`'s modality (default cfg.student) paired with the RGB the teacher sees."
-    student = student or cfg.student
-    if cfg.dataset == "synthetic-pairs":
+    "The PairedModalityDataset of `student`'s modality (default cfg.method.student) paired with the RGB the teacher sees."
+    student = student or cfg.method.student
+    if cfg.data.dataset == "synthetic-pairs":
         from rs_prompt_lab.synth.images import make_paired_images
         if student == "s1": raise ConfigError("synthetic-pairs renders SAR as 'sar' (VV/VH in dB); use --student sar")
-        p = {**PAIRS_PARAMS, **cfg.dataset_params}
+        p = {**PAIRS_PARAMS, **cfg.data.dataset_params}
         if cfg.quick: p["n_per_class"] = min(p["n_per_class"], 5)
         return make_paired_images(**p, modalities=("rgb", student), labels="multilabel")
     from rs_prompt_lab.data.manifest import load_dataset
-    ds = load_dataset(cfg.dataset, root=cfg.root)
-    if not hasattr(ds, "modality_names"): raise ConfigError(f"dataset {cfg.dataset!r} is not a paired-modality dataset; use bigearthnet-mm or synthetic-pairs")
-    if student not in ds.modality_names: raise ConfigError(f"dataset {cfg.dataset!r} has modalities {', '.join(ds.modality_names)}, not {student!r}: pick --student from them")
-    if ds.labels is None: raise DataError(f"dataset {cfg.dataset!r} has no labels: the zero-shot head and the classification term need them")
-    if ds.name == "bigearthnet-mm" and cfg.bigearthnet_classes == 19:
+    ds = load_dataset(cfg.data.dataset, root=cfg.data.root)
+    if not hasattr(ds, "modality_names"): raise ConfigError(f"dataset {cfg.data.dataset!r} is not a paired-modality dataset; use bigearthnet-mm or synthetic-pairs")
+    if student not in ds.modality_names: raise ConfigError(f"dataset {cfg.data.dataset!r} has modalities {', '.join(ds.modality_names)}, not {student!r}: pick --student from them")
+    if ds.labels is None: raise DataError(f"dataset {cfg.data.dataset!r} has no labels: the zero-shot head and the classification term need them")
+    if ds.name == "bigearthnet-mm" and cfg.data.bigearthnet_classes == 19:
         from rs_prompt_lab.align.student import bigearthnet19
         ds = bigearthnet19(ds)
     return ds
@@ -305,36 +330,36 @@ def run_paint_seed(cfg: AlignExpCfg, seed: int, data: dict, clip) -> dict:
     nk = _new_key(pairs); col = pair_collate(pairs, nk)
     names, ml = list(pairs.class_names), pairs.labels.ndim == 2
     rgb = {"image": "rgb", "label": "label"}
-    train_l = pair_loader(PairItems(pairs, sp["train"], col, rgb), cfg.paint_batch_size, True, seed)
-    val_l = pair_loader(PairItems(pairs, sp["val"], col, rgb), cfg.eval_batch_size)
-    target = {k: pair_loader(PairItems(pairs, sp[k], col), cfg.eval_batch_size) for k in ("val", "test")}
+    train_l = pair_loader(PairItems(pairs, sp["train"], col, rgb), cfg.train.paint.batch_size, True, seed)
+    val_l = pair_loader(PairItems(pairs, sp["val"], col, rgb), cfg.train.eval_batch_size)
+    target = {k: pair_loader(PairItems(pairs, sp[k], col), cfg.train.eval_batch_size) for k in ("val", "test")}
     from rs_prompt_lab.scene.protocol import SceneBatches, loader
     lm = {i: i for i in range(len(sup.class_names))}
-    supported = {k: loader(SceneBatches(sup, v, lm, clip.image_size[0], clip.in_channels), cfg.eval_batch_size, False, 0) for k, v in ss.items()}
+    supported = {k: loader(SceneBatches(sup, v, lm, clip.image_size[0], clip.in_channels), cfg.train.eval_batch_size, False, 0) for k, v in ss.items()}
     from rs_prompt_lab.zeroshot import TEMPLATE_SETS
-    T = TEMPLATE_SETS[cfg.templates]
-    pc = PaintCfg(lr=cfg.paint_lr, weight_decay=cfg.paint_weight_decay, steps=min(cfg.paint_steps, 4) if cfg.quick else cfg.paint_steps,
-                  batch_size=cfg.paint_batch_size, multilabel=ml, label_smoothing=cfg.label_smoothing, alphas=list(cfg.alphas),
-                  templates=list(T), amp=cfg.amp, device=cfg.device, progress=cfg.progress)
+    T = TEMPLATE_SETS[cfg.method.templates]
+    pc = PaintCfg(lr=cfg.train.paint.lr, weight_decay=cfg.train.paint.weight_decay, steps=min(cfg.train.paint.steps, 4) if cfg.quick else cfg.train.paint.steps,
+                  batch_size=cfg.train.paint.batch_size, multilabel=ml, label_smoothing=cfg.method.label_smoothing, alphas=list(cfg.method.alphas),
+                  templates=list(T), amp=cfg.train.amp, device=cfg.train.device, progress=cfg.progress)
     main = is_main()   # under torchrun rank 0 alone writes the seed folder
     if main:
         save_json({k: v.tolist() for k, v in sp.items()} | {"supported": {k: v.tolist() for k, v in ss.items()}}, rd/"split.json")
         save_json({"cfg": cfg.to_dict(), "seed": seed, "stage": "paint", "classes": names, "multilabel": ml, "new_modality": nk,
-                   "n": {k: len(v) for k, v in sp.items()}, "supported": {"dataset": cfg.supported, "classes": list(sup.class_names)},
+                   "n": {k: len(v) for k, v in sp.items()}, "supported": {"dataset": cfg.data.supported, "classes": list(sup.class_names)},
                    "provenance": provenance()}, rd/"config.json")
     t0 = time.time()
-    clip.to(rank_device(cfg.device))
+    clip.to(rank_device(cfg.train.device))
     theta_zs, theta_ft, hist = patch_model(clip, names, train_l, val_l, pc, out_dir=rd/"train", seed=seed)
     steps = len(hist) * len(train_l)
     if main:
         _save_state(theta_ft, rd/"theta_ft.pt")
-        save_training_curve(hist, rd/"train"/"curve.png", f"PAINT seed {seed}: lr {cfg.paint_lr:g}, {steps} steps",
+        save_training_curve(hist, rd/"train"/"curve.png", f"PAINT seed {seed}: lr {cfg.train.paint.lr:g}, {steps} steps",
                             val_key="val_map" if ml else "val_oa", val_label="validation mAP" if ml else "validation accuracy")
-    scores = score_alphas(clip, theta_zs, theta_ft, cfg.alphas, target, supported, names, sup.class_names, nk, T, col.level)
-    a = select_alpha(scores, cfg.alphas)
+    scores = score_alphas(clip, theta_zs, theta_ft, cfg.method.alphas, target, supported, names, sup.class_names, nk, T, col.level)
+    a = select_alpha(scores, cfg.method.alphas)
     m = {"method": "paint", "dataset": cfg.dataset_name, "seed": seed, "quick": cfg.quick, **scores, "selected_alpha": a,
          "selected_on": "mean of target and supported validation scores (never test)", "metric": "mAP" if ml else "top-1",
-         "training": {"steps": steps, "epochs": len(hist), "lr": cfg.paint_lr, "final_train_loss": hist[-1]["train_loss"] if hist else None,
+         "training": {"steps": steps, "epochs": len(hist), "lr": cfg.train.paint.lr, "final_train_loss": hist[-1]["train_loss"] if hist else None,
                       "train_seconds": round(time.time() - t0, 2), "history": hist}}
     if main: save_json(m, rd/"metrics.json")
     return m
@@ -366,14 +391,14 @@ def clip_baseline(clip, loader, names: Sequence[str], modality: str, templates: 
 
 def teacher_alpha_of(cfg: AlignExpCfg, seed: int) -> float:
     "The teacher's alpha: the stage-1 seed's validation choice ('select') or the given number."
-    if cfg.teacher_alpha != "select": return float(cfg.teacher_alpha)
+    if cfg.method.teacher_alpha != "select": return float(cfg.method.teacher_alpha)
     p = paint_cfg(cfg).run_dir(seed)/"metrics.json"
     if not p.is_file(): raise DataError(f"{p} is missing: stage 1 of seed {seed} did not finish")
     return float(load_json(p)["selected_alpha"])
 
 def build_student(cfg: AlignExpCfg, clip, in_chans: int) -> SensorStudent:
     "The student of `cfg` for `in_chans` bands (width and image side from the backbone)."
-    return SensorStudent.for_backbone(clip, in_chans, arch=STUDENT_ARCHS.get(cfg.student_arch, cfg.student_arch), init=cfg.student_init)
+    return SensorStudent.for_backbone(clip, in_chans, arch=STUDENT_ARCHS.get(cfg.method.student_arch, cfg.method.student_arch), init=cfg.method.student_init)
 
 def run_align_seed(cfg: AlignExpCfg, seed: int, data: dict, clip) -> dict:
     "Distil the student from the (patched) teacher; score it on the test pairs; write the seed folder (metrics.json last)."
@@ -383,49 +408,49 @@ def run_align_seed(cfg: AlignExpCfg, seed: int, data: dict, clip) -> dict:
     from rs_prompt_lab.zeroshot import TEMPLATE_SETS
     rd = cfg.run_dir(seed); rd.mkdir(parents=True, exist_ok=True)
     pairs = data["pairs"]
-    sp = splits_of(pairs, cfg.quick); col = pair_collate(pairs, cfg.student)
+    sp = splits_of(pairs, cfg.quick); col = pair_collate(pairs, cfg.method.student)
     names, ml = list(pairs.class_names), pairs.labels.ndim == 2
     items = {k: PairItems(pairs, v, col) for k, v in sp.items()}
-    in_chans = int(items["train"][0][cfg.student].shape[0])
+    in_chans = int(items["train"][0][cfg.method.student].shape[0])
     a = teacher_alpha_of(cfg, seed)
     main = is_main()   # under torchrun rank 0 alone writes the seed folder
     if main:
         save_json({k: v.tolist() for k, v in sp.items()}, rd/"split.json")
         save_json({"cfg": cfg.to_dict(), "seed": seed, "stage": "align", "classes": names, "multilabel": ml, "teacher_alpha": a,
-                   "teacher": str(paint_cfg(cfg).run_dir(seed)) if a > 0 else f"{cfg.backbone} zero-shot tower", "in_chans": in_chans,
+                   "teacher": str(paint_cfg(cfg).run_dir(seed)) if a > 0 else f"{cfg.method.backbone} zero-shot tower", "in_chans": in_chans,
                    "n": {k: len(v) for k, v in sp.items()}, "provenance": provenance()}, rd/"config.json")
-    dev = rank_device(cfg.device); clip.to(dev)
+    dev = rank_device(cfg.train.device); clip.to(dev)
     theta_zs = image_tower_state(clip)
-    base = clip_baseline(clip, pair_loader(items["test"], cfg.eval_batch_size), names, cfg.student, TEMPLATE_SETS[cfg.templates], col.level)
+    base = clip_baseline(clip, pair_loader(items["test"], cfg.train.eval_batch_size), names, cfg.method.student, TEMPLATE_SETS[cfg.method.templates], col.level)
     try:
         if a > 0: load_image_tower(clip, interpolate(theta_zs, load_theta_ft(paint_cfg(cfg).run_dir(seed)), a))
         seed_everything(seed)
-        model = AlignModel(clip, build_student(cfg, clip, in_chans), names, student_key=cfg.student, teacher_key="rgb",
-                           multilabel=ml, templates=TEMPLATE_SETS[cfg.templates])
+        model = AlignModel(clip, build_student(cfg, clip, in_chans), names, student_key=cfg.method.student, teacher_key="rgb",
+                           multilabel=ml, templates=TEMPLATE_SETS[cfg.method.templates])
         model.teacher_cache = {}   # the teacher is frozen for this seed: its embeddings are computed once per sample
-        train_l = pair_loader(items["train"], cfg.align_batch_size, True, seed)
-        steps = min(cfg.align_steps, 4) if cfg.quick else cfg.align_steps
+        train_l = pair_loader(items["train"], cfg.train.align.batch_size, True, seed)
+        steps = min(cfg.train.align.steps, 4) if cfg.quick else cfg.train.align.steps
         epochs = max(1, math.ceil(steps / len(train_l)))
-        tc = TrainCfg(epochs=epochs, lr=cfg.align_lr, weight_decay=cfg.align_weight_decay, batch_size=cfg.align_batch_size,
-                      warmup_steps=max(1, int(0.1 * epochs * len(train_l))), grad_clip=1.0, amp=cfg.amp, device=cfg.device, seed=seed,
+        tc = TrainCfg(epochs=epochs, lr=cfg.train.align.lr, weight_decay=cfg.train.align.weight_decay, batch_size=cfg.train.align.batch_size,
+                      warmup_steps=max(1, int(0.1 * epochs * len(train_l))), grad_clip=1.0, amp=cfg.train.amp, device=cfg.train.device, seed=seed,
                       out_dir=rd/"train", select_metric="val_map" if ml else "val_oa", restore_best=True, progress=cfg.progress)
-        tr = Trainer(model, lambda out, batch, m: m.loss(out, batch), train_l, pair_loader(items["val"], cfg.eval_batch_size), tc, paint_metrics(ml))
+        tr = Trainer(model, lambda out, batch, m: m.loss(out, batch), train_l, pair_loader(items["val"], cfg.train.eval_batch_size), tc, paint_metrics(ml))
         t0 = time.time(); tr.fit(resume=(rd/"train"/"last.pt").exists())
         if main:
-            save_training_curve(tr.history, rd/"train"/"curve.png", f"{cfg.student} student seed {seed}: lr {cfg.align_lr:g}, {epochs * len(train_l)} steps",
+            save_training_curve(tr.history, rd/"train"/"curve.png", f"{cfg.method.student} student seed {seed}: lr {cfg.train.align.lr:g}, {epochs * len(train_l)} steps",
                                 tr.best_epoch, val_key="val_map" if ml else "val_oa", val_label="validation mAP" if ml else "validation accuracy")
-        test_l = pair_loader(items["test"], cfg.eval_batch_size)
+        test_l = pair_loader(items["test"], cfg.train.eval_batch_size)
         ev = evaluate_alignment(model, test_l)
-        t_tr, s_tr, y_tr = embed_pairs(model, pair_loader(items["train"], cfg.eval_batch_size))
+        t_tr, s_tr, y_tr = embed_pairs(model, pair_loader(items["train"], cfg.train.eval_batch_size))
         t_te, s_te, y_te = embed_pairs(model, test_l)
     finally: load_image_tower(clip, theta_zs)
-    sk, name = cfg.student, "mAP" if ml else "top1"
+    sk, name = cfg.method.student, "mAP" if ml else "top1"
     m = {"method": "align", "student": sk, "dataset": cfg.dataset_name, "seed": seed, "quick": cfg.quick, "teacher_alpha": a,
          "target": ev[f"student_{name}"], "teacher_target": ev[f"teacher_{name}"], "mse": ev["mse"],
          **{k.replace(f"rgb_to_{sk}_", "rgb_to_new_").replace(f"{sk}_to_rgb_", "new_to_rgb_"): v for k, v in ev.items() if "_R@" in k}, "mR": ev["mR"],
          **base, "probe": linear_probe((s_tr, y_tr), (s_te, y_te), ml, seed), "teacher_probe": linear_probe((t_tr, y_tr), (t_te, y_te), ml, seed),
          "metric": "mAP" if ml else "top-1", "n_test": ev["n"],
-         "training": {"steps": epochs * len(train_l), "epochs": epochs, "lr": cfg.align_lr, "best_epoch": tr.best_epoch, "best_val": tr.best_score,
+         "training": {"steps": epochs * len(train_l), "epochs": epochs, "lr": cfg.train.align.lr, "best_epoch": tr.best_epoch, "best_val": tr.best_score,
                       "final_train_loss": tr.history[-1]["train_loss"] if tr.history else None, "train_seconds": round(time.time() - t0, 2),
                       "history": tr.history}}
     if main: save_json(m, rd/"metrics.json")
@@ -436,12 +461,12 @@ def load_data(cfg: AlignExpCfg) -> dict:
     "{'pairs' (the student's modality), 'paint_pairs' (RGB + the gap modality), 'supported'} of a configuration."
     from rs_prompt_lab.scene.protocol import load_images, parse_target
     out = {}
-    if cfg.method == "align": out["pairs"] = load_pairs(cfg)
-    gap = "s2" if cfg.dataset == "synthetic-pairs" else None
-    if cfg.method == "paint" or cfg.teacher_alpha != 0:
-        out["paint_pairs"] = out["pairs"] if "pairs" in out and (gap is None or cfg.student == gap) else load_pairs(cfg, gap)
-        name, params = parse_target(cfg.supported)
-        root = params.pop("root", cfg.root)   # 'NAME:root=DIR': the supported dataset's own folder
+    if cfg.method.name == "align": out["pairs"] = load_pairs(cfg)
+    gap = "s2" if cfg.data.dataset == "synthetic-pairs" else None
+    if cfg.method.name == "paint" or cfg.method.teacher_alpha != 0:
+        out["paint_pairs"] = out["pairs"] if "pairs" in out and (gap is None or cfg.method.student == gap) else load_pairs(cfg, gap)
+        name, params = parse_target(cfg.data.supported)
+        root = params.pop("root", cfg.data.root)   # 'NAME:root=DIR': the supported dataset's own folder
         if name == "synthetic-scenes" and cfg.quick: params = {**params, "n_per_class": min(int(params.get("n_per_class", 5)), 5)}
         out["supported"] = load_images(name, params, root)
     return out
@@ -453,8 +478,8 @@ def summarize_align(cfg: AlignExpCfg) -> dict:
     skip = ("seed", "quick", "training", "n_test")
     keys = [k for k, v in runs[0].items() if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)
             and all(isinstance(r.get(k), (int, float)) for r in runs)]
-    s = {"exp": cfg.exp, "protocol": "alignment", "stage": cfg.method, "dataset": cfg.dataset_name, "cfg_name": cfg.cfg_name,
-         "method": cfg.method if cfg.method == "paint" else f"align-{cfg.student}", "backbone": cfg.backbone, "quick": cfg.quick,
+    s = {"exp": cfg.exp, "protocol": "alignment", "stage": cfg.method.name, "dataset": cfg.dataset_name, "cfg_name": cfg.cfg_name,
+         "method": cfg.method.name if cfg.method.name == "paint" else f"align-{cfg.method.student}", "backbone": cfg.method.backbone, "quick": cfg.quick,
          "metric": runs[0].get("metric"), **summarize_runs(runs, keys=keys), "warnings": []}
     s["table"] = format_align_summary(s)
     if is_main(): save_json(s, cfg.cfg_dir/"summary.json")
@@ -464,16 +489,16 @@ def run_align_experiment(cfg: AlignExpCfg, data: dict | None = None) -> dict:
     "Run every unfinished seed of `cfg` (stage 1 first for a patched teacher), then write and return the summary."
     from rs_prompt_lab.backbones import load_backbone
     cfg = cfg.check()
-    if cfg.method == "paint": cfg = paint_cfg(cfg)   # stage-2 settings never reach a stage-1 folder (an align run reuses it)
-    if cfg.method == "paint" or cfg.teacher_alpha != 0: check_batch_split(cfg.paint_batch_size, name="--paint-batch-size")   # under torchrun,
-    if cfg.method == "align": check_batch_split(cfg.align_batch_size, name="--align-batch-size")                             # before any data is read
+    if cfg.method.name == "paint": cfg = paint_cfg(cfg)   # stage-2 settings never reach a stage-1 folder (an align run reuses it)
+    if cfg.method.name == "paint" or cfg.method.teacher_alpha != 0: check_batch_split(cfg.train.paint.batch_size, name="--paint-batch-size")   # under torchrun,
+    if cfg.method.name == "align": check_batch_split(cfg.train.align.batch_size, name="--align-batch-size")                             # before any data is read
     data = data or load_data(cfg)
-    clip = load_backbone(cfg.backbone)[0].eval()
-    if cfg.method == "align" and cfg.teacher_alpha != 0:
+    clip = load_backbone(cfg.method.backbone)[0].eval()
+    if cfg.method.name == "align" and cfg.method.teacher_alpha != 0:
         pc = paint_cfg(cfg)
         run_seeds(pc, lambda seed: run_paint_seed(pc, seed, data, clip), cfg.progress)
         summarize_align(pc)
-    run = run_paint_seed if cfg.method == "paint" else run_align_seed
+    run = run_paint_seed if cfg.method.name == "paint" else run_align_seed
     run_seeds(cfg, lambda seed: run(cfg, seed, data, clip), cfg.progress)
     return summarize_align(cfg)
 

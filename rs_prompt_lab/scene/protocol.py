@@ -17,48 +17,57 @@ from ..data.datasets import ImageTextDataset
 from ..methods import get_entry, method_config, create_method
 from ..inputs import ImageSpec
 from ..losses import method_loss
-from ..runner import run_seeds, summarize_runs, save_training_curve, results_table
+from ..runner import MethodChoice, FitCfg, run_seeds, summarize_runs, save_training_curve, results_table
 from ..distributed import check_batch_split, is_distributed, is_main, rank_device
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'BENCHMARK_PARAMS', 'log', 'SceneExpCfg', 'parse_target', 'source_params', 'default_targets',
-           'needs_captions', 'load_images', 'pools', 'few_shot', 'base_new', 'SceneBatches', 'EpochShuffle', 'loader',
-           'caption_embeddings', 'budget_points', 'score', 'evaluate_sets', 'protocol_sets', 'headline',
-           'data_fingerprint', 'check_same_data', 'build_for', 'run_scene_seed', 'load_datasets', 'summarize_scene',
-           'format_scene_summary', 'check_datasets', 'run_scene_experiment']
+__all__ = ['PROTOCOLS', 'BENCHMARK_PARAMS', 'log', 'SceneDataCfg', 'SceneMethodChoice', 'SceneFitCfg', 'SceneExpCfg',
+           'parse_target', 'source_params', 'default_targets', 'needs_captions', 'load_images', 'pools', 'few_shot',
+           'base_new', 'SceneBatches', 'EpochShuffle', 'loader', 'caption_embeddings', 'budget_points', 'score',
+           'evaluate_sets', 'protocol_sets', 'headline', 'data_fingerprint', 'check_same_data', 'build_for',
+           'run_scene_seed', 'load_datasets', 'summarize_scene', 'format_scene_summary', 'check_datasets',
+           'run_scene_experiment']
 
 # %% ../../nbs/73_scene.protocol.ipynb #0bf66acc
 PROTOCOLS = ("fewshot", "b2n", "cross", "dg")
 BENCHMARK_PARAMS = {"synthetic-scenes": {"n_per_class": 80, "domain": "sentinel-autumn"}}   # embedded-default source settings
 
 @dataclass
-class SceneExpCfg(Cfg):
-    "A scene-classification experiment: data, protocol, captions, method, training and where results go."
+class SceneDataCfg(Cfg):
+    "Which images: the source dataset, the protocol's test sets and the few-shot draw."
     dataset: str = "synthetic-scenes"        # source dataset: built-in name or manifest YAML (scene classification)
     root: str | None = None                  # dataset folder (file-based datasets)
     dataset_params: dict = field(default_factory=dict)  # generator overrides, e.g. {'domain': 'aerial-rgb'} (synthetic-scenes: 80 per class, sentinel-autumn unless set)
     protocol: str = "fewshot"                # 'fewshot', 'b2n' (base-to-novel), 'cross' (cross-dataset), 'dg' (domain generalisation)
     targets: list = field(default_factory=list)  # cross / dg target datasets 'NAME' or 'NAME:key=value,...' (default: the embedded benchmark's)
-    method: str = "bimors"                   # a scene method (methods.list_methods(task='scene'))
-    method_kw: dict = field(default_factory=dict)  # method options: fields of the method's config
-    backbone: str = "rs-tiny"                # backbones.load_backbone name
-    captioner: str = "synthetic"             # caption source: 'synthetic', 'synthetic-masked', 'dataset', 'file:PATH', 'blip2:PATH'
-    caption_encoder: str = "text-tower"      # caption embeddings: 'text-tower' (the backbone's) or 'bert:PATH'
     shots: int = 16                          # training images per class
     val_shots: int = 4                       # validation images per class, carved from the training pool
-    seeds: list = field(default_factory=lambda: [1, 2, 3])  # one run per seed (shot draw and initialisation)
+    max_test: int | None = None              # evaluate at most this many images per test set (seeded subset; None: all)
+
+@dataclass
+class SceneMethodChoice(MethodChoice):
+    "Which scene method on which backbone, and where a caption-conditioned method's captions come from."
+    name: str = "bimors"                     # a scene method (methods.list_methods(task='scene'))
+    captioner: str = "synthetic"             # caption source: 'synthetic', 'synthetic-masked', 'dataset', 'file:PATH', 'blip2:PATH'
+    caption_encoder: str = "text-tower"      # caption embeddings: 'text-tower' (the backbone's) or 'bert:PATH'
+
+@dataclass
+class SceneFitCfg(FitCfg):
+    "How a scene method trains (FitCfg with the scene defaults: the method's registry budget, smaller batches)."
+    GRID = ("lr", "steps")
     budget: str = "method"                   # 'method': steps and lr of the method's registry entry; 'cfg': steps/epochs/lr as set here
-    steps: int | None = None                 # optimiser steps, rounded up to whole epochs (budget='cfg'; overrides epochs)
     epochs: int = 10                         # training epochs (budget='cfg' without steps)
-    select: dict = field(default_factory=dict)  # validation grid over lr / steps, e.g. {'lr': [1e-3, 3e-3]}: best validation accuracy is kept
     batch_size: int = 32                     # training batch size
     eval_batch_size: int = 128               # images per forward pass at validation / test time
-    lr: float = 2e-3                         # peak learning rate (AdamW, cosine schedule; budget='cfg')
-    weight_decay: float = 0.0                # AdamW weight decay
-    warmup_epochs: float = 1.0               # linear warm-up
-    amp: str = "auto"                        # mixed precision (see train.resolve_amp)
-    device: str = "auto"                     # 'auto', 'cpu', 'cuda', 'cuda:N'
-    max_test: int | None = None              # evaluate at most this many images per test set (seeded subset; None: all)
+
+@dataclass
+class SceneExpCfg(Cfg):
+    "A scene-classification experiment: data (with the protocol), method (with captions) and training sections, seeds, where results go."
+    FLAT = {"method.name": "method", "method.kw": "method_kw"}
+    data: SceneDataCfg = field(default_factory=SceneDataCfg)  # which images, under which protocol
+    method: SceneMethodChoice = field(default_factory=SceneMethodChoice)  # which method, captions
+    train: SceneFitCfg = field(default_factory=SceneFitCfg)  # how it trains
+    seeds: list = field(default_factory=lambda: [1, 2, 3])  # one run per seed (shot draw and initialisation)
     quick: bool = False                      # smoke run: 1 epoch of at most 4 steps, <= 64 test images per set
     cache_dir: str | None = None             # caption and embedding caches (default $RS_LAB_CACHE_DIR or ~/.cache/rs_prompt_lab)
     exp: str = "scene"                       # experiment folder under out_dir
@@ -73,40 +82,27 @@ from ..core import check_int as _int, check_positive, check_seeds
 
 @patch
 def check(self: SceneExpCfg) -> SceneExpCfg:
-    "Validate choices, ranges and names; return self."
+    "Validate every section (choices, ranges and names, one line each); return self."
     from rs_prompt_lab.experiment import check_backbone_name
-    check_choice(self.protocol, PROTOCOLS, "protocol")
-    check_choice(self.budget, ["method", "cfg"], "training budget")
-    check_choice(self.amp, ["auto", "off", "bf16", "fp16"], "amp mode")
-    for n in ("shots", "epochs", "batch_size", "eval_batch_size"): _int(getattr(self, n), n, 1)
-    _int(self.val_shots, "val_shots", 0)
+    d, m = self.data, self.method
+    check_choice(d.protocol, PROTOCOLS, "protocol")
+    _int(d.shots, "shots", 1); _int(d.val_shots, "val_shots", 0)
+    if d.max_test is not None: _int(d.max_test, "max_test", 1)
     check_seeds(self.seeds)
-    if self.steps is not None: _int(self.steps, "steps", 1)
-    if self.max_test is not None: _int(self.max_test, "max_test", 1)
-    if self.budget == "method" and self.steps is not None: raise ConfigError("budget='method' takes the steps from the registry; drop --steps or use --budget cfg")
-    check_positive(self.lr, "lr")
-    bad = [k for k in self.select if k not in ("lr", "steps")]
-    if bad: raise ConfigError(f"select can search lr and steps, not {bad[0]!r}")
-    for k, v in self.select.items():
-        if not isinstance(v, (list, tuple)) or not v: raise ConfigError(f"select[{k!r}] must be a non-empty list of values, got {v!r}")
-        for x in v:
-            if k == "steps": _int(x, "every select steps value", 1)
-            elif not (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0):
-                raise ConfigError(f"every select lr value must be a finite number > 0, got {x!r}")
-    if self.select and self.val_shots == 0: raise ConfigError("select chooses on validation images: set --val-shots >= 1 (the test set is never used)")
-    e = get_entry(self.method)
-    if "scene" not in e.tasks: raise ConfigError(f"method {self.method!r} does not serve scene images; scene methods: {', '.join(_scene_methods())}")
-    method_config(self.method, **self.method_kw)
-    check_backbone_name(self.backbone)
-    get_device(self.device)
+    self.train.check()                        # budget, grid, optimiser, amp and device: the rules every task shares
+    if self.train.select and d.val_shots == 0: raise ConfigError("select chooses on validation images: set --val-shots >= 1 (the test set is never used)")
+    e = get_entry(m.name)
+    if "scene" not in e.tasks: raise ConfigError(f"method {m.name!r} does not serve scene images; scene methods: {', '.join(_scene_methods())}")
+    method_config(m.name, **m.kw)
+    check_backbone_name(m.backbone)
     if needs_captions(self):   # a wrong captioner or encoder spec, or a missing caption file / model folder, fails before any work
         from rs_prompt_lab.scene.captions import make_captioner
-        make_captioner(self.captioner)
-        check_choice(self.caption_encoder.split(":")[0], ("text-tower", "bert"), "caption encoder (text-tower or bert:PATH)")
-        if self.caption_encoder.startswith("bert") and not self.caption_encoder.partition(":")[2]:
+        make_captioner(self.method.captioner)
+        check_choice(self.method.caption_encoder.split(":")[0], ("text-tower", "bert"), "caption encoder (text-tower or bert:PATH)")
+        if self.method.caption_encoder.startswith("bert") and not self.method.caption_encoder.partition(":")[2]:
             raise ConfigError("caption encoder bert needs the folder of bert-base-uncased: --caption-encoder bert:/path/to/bert-base-uncased")
-    if self.protocol in ("fewshot", "b2n") and self.targets: raise ConfigError(f"protocol {self.protocol!r} tests on the source dataset only; targets are for 'cross' and 'dg'")
-    for t in self.targets: parse_target(t)
+    if self.data.protocol in ("fewshot", "b2n") and self.data.targets: raise ConfigError(f"protocol {self.data.protocol!r} tests on the source dataset only; targets are for 'cross' and 'dg'")
+    for t in self.data.targets: parse_target(t)
     return self
 
 def _scene_methods() -> list:
@@ -123,16 +119,16 @@ def parse_target(text: str) -> tuple:
 
 def source_params(cfg: SceneExpCfg) -> dict:
     "The source dataset's generator parameters: the benchmark's defaults under the user's."
-    return {**BENCHMARK_PARAMS.get(cfg.dataset, {}), **cfg.dataset_params}
+    return {**BENCHMARK_PARAMS.get(cfg.data.dataset, {}), **cfg.data.dataset_params}
 
 def default_targets(cfg: SceneExpCfg) -> list:
     "Target datasets of cross / dg when none are given (the embedded benchmark's), else the given ones."
-    if cfg.targets or cfg.protocol in ("fewshot", "b2n"): return list(cfg.targets)
-    if cfg.dataset != "synthetic-scenes": raise ConfigError(f"protocol {cfg.protocol!r} on {cfg.dataset!r} needs --targets (datasets to test on)")
+    if cfg.data.targets or cfg.data.protocol in ("fewshot", "b2n"): return list(cfg.data.targets)
+    if cfg.data.dataset != "synthetic-scenes": raise ConfigError(f"protocol {cfg.data.protocol!r} on {cfg.data.dataset!r} needs --targets (datasets to test on)")
     p = source_params(cfg)
     keep = {k: v for k, v in p.items() if k in ("n_per_class", "size", "modality")}
     kv = lambda d: ",".join(f"{k}={v}" for k, v in d.items())
-    if cfg.protocol == "cross":   # other layouts than the source's: the next seed (the manifest's default source seed is 1)
+    if cfg.data.protocol == "cross":   # other layouts than the source's: the next seed (the manifest's default source seed is 1)
         return [f"synthetic-scenes:{kv({**keep, 'preset': 'renamed', 'domain': p.get('domain', 'aerial-rgb'), 'seed': int(p.get('seed', 1)) + 1})}"]
     doms = [d for d in ("sentinel-like", "sentinel-autumn") if d != p.get("domain")] or []
     if len(doms) < 2: doms.append("aerial-autumn")
@@ -141,33 +137,33 @@ def default_targets(cfg: SceneExpCfg) -> list:
 @patch(as_prop=True)
 def dataset_name(self: SceneExpCfg) -> str:
     "Folder name of the source dataset (+ its parameters) and, for cross / dg, a hash of the targets."
-    base = Path(self.dataset).stem if self.dataset.lower().endswith((".yaml", ".yml")) else self.dataset
+    base = Path(self.data.dataset).stem if self.data.dataset.lower().endswith((".yaml", ".yml")) else self.data.dataset
     n = "-".join([base, *(f"{k}{v}" for k, v in sorted(source_params(self).items()))])
-    return _slug(n + (f"-to{_hash(default_targets(self))}" if self.protocol in ("cross", "dg") else ""))
+    return _slug(n + (f"-to{_hash(default_targets(self))}" if self.data.protocol in ("cross", "dg") else ""))
 
 @patch(as_prop=True)
 def cfg_name(self: SceneExpCfg) -> str:
     "Folder name of this configuration (`name`, or the method and the settings that change results)."
     if self.name: return _slug(self.name)
-    n = f"{self.method}-{self.backbone}-k{self.shots}"
+    n = f"{self.method.name}-{self.method.backbone}-k{self.data.shots}"
     if needs_captions(self):
-        n += f"-{self.captioner.split(':')[0].split('#')[0]}-{self.caption_encoder.split(':')[0]}"
-        if ":" in self.captioner or ":" in self.caption_encoder: n += f"-c{_hash([self.captioner, self.caption_encoder])}"
-    n += f"-kw{_hash(self.method_kw)}" if self.method_kw else ""
-    n += "-mbudget" if self.budget == "method" else (f"-s{self.steps}" if self.steps else f"-e{self.epochs}") + f"-lr{self.lr:g}"
-    n += f"-sel{_hash(self.select)}" if self.select else ""
-    n += f"-v{self.val_shots}" if self.val_shots != 4 else ""
+        n += f"-{self.method.captioner.split(':')[0].split('#')[0]}-{self.method.caption_encoder.split(':')[0]}"
+        if ":" in self.method.captioner or ":" in self.method.caption_encoder: n += f"-c{_hash([self.method.captioner, self.method.caption_encoder])}"
+    n += f"-kw{_hash(self.method.kw)}" if self.method.kw else ""
+    n += "-mbudget" if self.train.budget == "method" else (f"-s{self.train.steps}" if self.train.steps else f"-e{self.train.epochs}") + f"-lr{self.train.lr:g}"
+    n += f"-sel{_hash(self.train.select)}" if self.train.select else ""
+    n += f"-v{self.data.val_shots}" if self.data.val_shots != 4 else ""
     return _slug(n + ("-quick" if self.quick else ""))
 
 @patch(as_prop=True)
-def cfg_dir(self: SceneExpCfg) -> Path: return Path(self.out_dir)/_slug(self.exp)/self.protocol/self.dataset_name/self.cfg_name
+def cfg_dir(self: SceneExpCfg) -> Path: return Path(self.out_dir)/_slug(self.exp)/self.data.protocol/self.dataset_name/self.cfg_name
 
 @patch
 def run_dir(self: SceneExpCfg, seed: int) -> Path: return self.cfg_dir/f"seed{int(seed)}"
 
 def needs_captions(cfg: SceneExpCfg) -> bool:
     "Does the method read caption embeddings (BiMoRS with a caption key/value token)?"
-    return getattr(method_config(cfg.method, **cfg.method_kw), "keys", None) in ("both", "caption")
+    return getattr(method_config(cfg.method.name, **cfg.method.kw), "keys", None) in ("both", "caption")
 
 # %% ../../nbs/73_scene.protocol.ipynb #50eeb2c5
 log = get_logger(__name__)
@@ -265,7 +261,7 @@ def caption_embeddings(ds: ImageTextDataset, indices, cfg: SceneExpCfg, encoder,
     "((N, D) embeddings, captions) of the chosen images, through the caption and embedding caches (`captioner`: built once by the caller)."
     from rs_prompt_lab.scene.captions import make_captioner, captions_for, image_ids, dataset_key, default_cache_dir
     from rs_prompt_lab.scene.encoders import EmbeddingCache
-    cap = captioner if captioner is not None else make_captioner(cfg.captioner)
+    cap = captioner if captioner is not None else make_captioner(cfg.method.captioner)
     root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir().parent
     idx = [int(i) for i in indices]
     texts = captions_for(ds, cap, root/"captions", idx, progress=cfg.progress)
@@ -276,13 +272,13 @@ def caption_embeddings(ds: ImageTextDataset, indices, cfg: SceneExpCfg, encoder,
 # %% ../../nbs/73_scene.protocol.ipynb #ff81ada9
 def budget_points(cfg: SceneExpCfg) -> list:
     "The training settings to try [{'lr', 'steps' | 'epochs'}]: the method's scene budget or cfg, times the validation grid."
-    e = get_entry(cfg.method)
-    if cfg.budget == "method":
-        if not e.scene_budget and e.trains: raise ConfigError(f"method {cfg.method!r} has no scene budget in the registry; use --budget cfg with --steps")
-        base = {"lr": e.scene_budget.get("lr", cfg.lr), "steps": e.scene_budget.get("steps")}
-    else: base = {"lr": cfg.lr, "steps": cfg.steps} if cfg.steps else {"lr": cfg.lr, "epochs": cfg.epochs}
+    e = get_entry(cfg.method.name)
+    if cfg.train.budget == "method":
+        if not e.scene_budget and e.trains: raise ConfigError(f"method {cfg.method.name!r} has no scene budget in the registry; use --budget cfg with --steps")
+        base = {"lr": e.scene_budget.get("lr", cfg.train.lr), "steps": e.scene_budget.get("steps")}
+    else: base = {"lr": cfg.train.lr, "steps": cfg.train.steps} if cfg.train.steps else {"lr": cfg.train.lr, "epochs": cfg.train.epochs}
     pts = [dict(base)]
-    for k, vals in cfg.select.items(): pts = [dict(p, **{k: v}) for p in pts for v in vals]
+    for k, vals in cfg.train.select.items(): pts = [dict(p, **{k: v}) for p in pts for v in vals]
     return pts
 
 def _scorer(model, names: list, train_names: list):
@@ -300,7 +296,7 @@ def score(model, batches: SceneBatches, cfg: SceneExpCfg, device) -> tuple:
     from rs_prompt_lab.train import predict
     model.eval()
     if hasattr(model, "prepare_inference"): model.prepare_inference()
-    logits, y = predict(model, loader(batches, cfg.eval_batch_size, False, 0), device, cfg.amp, progress=False, distributed=is_distributed())
+    logits, y = predict(model, loader(batches, cfg.train.eval_batch_size, False, 0), device, cfg.train.amp, progress=False, distributed=is_distributed())
     return logits, y
 
 # %% ../../nbs/73_scene.protocol.ipynb #a4227935
@@ -322,14 +318,14 @@ def evaluate_sets(model, sets: dict, train_names: list, cfg: SceneExpCfg, device
 def _train(model, cfg: SceneExpCfg, train_b, val_b, pt: dict, seed: int, out_dir: Path) -> tuple:
     "Train with the settings `pt` (resuming from out_dir/last.pt); (trainer, last-epoch state, record)."
     from rs_prompt_lab.train import TrainCfg, Trainer, trainable_state
-    spe = math.ceil(len(train_b) / cfg.batch_size)
+    spe = math.ceil(len(train_b) / cfg.train.batch_size)
     if cfg.quick: spe = min(spe, 4)
     epochs = 1 if cfg.quick else (max(1, math.ceil(pt["steps"] / spe)) if pt.get("steps") else int(pt["epochs"]))
-    tc = TrainCfg(epochs=epochs, lr=pt["lr"], weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, warmup_epochs=min(cfg.warmup_epochs, epochs - 1),
-                  amp=cfg.amp, device=cfg.device, seed=seed, out_dir=out_dir, steps_per_epoch=spe, progress=cfg.progress, restore_best=False)
-    tr = Trainer(model, method_loss, loader(train_b, cfg.batch_size, True, seed), loader(val_b, cfg.eval_batch_size, False, 0) if len(val_b) else None, tc)
+    tc = TrainCfg(epochs=epochs, lr=pt["lr"], weight_decay=cfg.train.weight_decay, batch_size=cfg.train.batch_size, warmup_epochs=min(cfg.train.warmup_epochs, epochs - 1),
+                  amp=cfg.train.amp, device=cfg.train.device, seed=seed, out_dir=out_dir, steps_per_epoch=spe, progress=cfg.progress, restore_best=False)
+    tr = Trainer(model, method_loss, loader(train_b, cfg.train.batch_size, True, seed), loader(val_b, cfg.train.eval_batch_size, False, 0) if len(val_b) else None, tc)
     t0 = time.time(); tr.fit(resume=(out_dir/"last.pt").exists())
-    if tr.is_main: save_training_curve(tr.history, out_dir/"curve.png", f"{cfg.method} seed {seed}: lr {pt['lr']:g}, {epochs * spe} steps", tr.best_epoch)
+    if tr.is_main: save_training_curve(tr.history, out_dir/"curve.png", f"{cfg.method.name} seed {seed}: lr {pt['lr']:g}, {epochs * spe} steps", tr.best_epoch)
     rec = {**pt, "epochs": epochs, "steps": epochs * spe, "best_epoch": tr.best_epoch, "best_val_acc": tr.best_score,
            "train_seconds": round(time.time() - t0, 3), "final_train_loss": tr.history[-1]["train_loss"] if tr.history else None}
     return tr, trainable_state(model), rec
@@ -343,14 +339,14 @@ def protocol_sets(cfg: SceneExpCfg, seed: int, datasets: dict) -> dict:
     src = datasets["source"]
     pool, test = pools(src, seed)
     all_c = list(range(len(src.class_names)))
-    cap = 64 if cfg.quick else cfg.max_test
-    if cfg.protocol == "b2n":
+    cap = 64 if cfg.quick else cfg.data.max_test
+    if cfg.data.protocol == "b2n":
         base, new = base_new(src.class_names)
-        tr, va = few_shot(src, pool, base, cfg.shots, cfg.val_shots, seed)
+        tr, va = few_shot(src, pool, base, cfg.data.shots, cfg.data.val_shots, seed)
         te = lambda cs: _test_cap(test[np.isin(src.labels[test], cs)], cap, seed)
         return {"train_classes": base, "train": tr, "val": va, "tests": {"base": (src, te(base), base), "new": (src, te(new), new)}}
-    tr, va = few_shot(src, pool, all_c, cfg.shots, cfg.val_shots, seed)
-    tests = {"source" if cfg.protocol != "fewshot" else "test": (src, _test_cap(test, cap, seed), all_c)}
+    tr, va = few_shot(src, pool, all_c, cfg.data.shots, cfg.data.val_shots, seed)
+    tests = {"source" if cfg.data.protocol != "fewshot" else "test": (src, _test_cap(test, cap, seed), all_c)}
     for t in default_targets(cfg):
         ds = datasets[t]                      # DG targets share the source's classes (check_datasets)
         _, tt = pools(ds, seed)
@@ -398,7 +394,7 @@ def build_for(cfg: SceneExpCfg, clip, names: list, seed: int, caption_dim: int |
     "Seed, then build the method for images of the backbone's size scored against `names`."
     seed_everything(seed)
     spec = ImageSpec([str(n) for n in names], size=clip.image_size[0], channels=clip.in_channels, caption_dim=caption_dim)
-    return create_method(cfg.method, clip, spec, **cfg.method_kw)
+    return create_method(cfg.method.name, clip, spec, **cfg.method.kw)
 
 def _batches(cfg, clip, ds, idx, classes, encoder, captioner=None):
     "SceneBatches of images `idx`, labels indexed in `classes`, with caption embeddings when the method needs them."
@@ -421,12 +417,12 @@ def run_scene_seed(cfg: SceneExpCfg, seed: int, datasets: dict, clip, encoder, c
     main = is_main()   # under torchrun rank 0 alone writes the seed folder
     if main:
         save_json({"train": P["train"], "val": P["val"], "tests": {k: v[1] for k, v in P["tests"].items()}}, rd/"split.json")
-        save_json({"cfg": cfg.to_dict(), "seed": seed, "protocol": cfg.protocol, "train_classes": names,
+        save_json({"cfg": cfg.to_dict(), "seed": seed, "protocol": cfg.data.protocol, "train_classes": names,
                    "datasets": {k: {"key": _ds_key(d), "data_hash": data_fingerprint(d), "n": len(d), "classes": list(d.class_names)} for k, d in datasets.items()},
                    "tests": {k: {"n": len(v[1]), "classes": [v[0].class_names[c] for c in v[2]]} for k, v in P["tests"].items()},
-                   "captions": {"captioner": cfg.captioner, "encoder": getattr(encoder, "key", None)} if encoder else None,
+                   "captions": {"captioner": cfg.method.captioner, "encoder": getattr(encoder, "key", None)} if encoder else None,
                    "provenance": provenance()}, rd/"config.json")
-    device, best, grid = rank_device(cfg.device), None, []
+    device, best, grid = rank_device(cfg.train.device), None, []
     pts = budget_points(cfg)
     for i, pt in enumerate(pts):
         model = build_for(cfg, clip, names, seed, getattr(encoder, "dim", None))
@@ -442,11 +438,11 @@ def run_scene_seed(cfg: SceneExpCfg, seed: int, datasets: dict, clip, encoder, c
     else:
         load_trainable_state(model, last_state, "last epoch"); res["last"] = evaluate_sets(model, sets, names, cfg, device)
         load_trainable_state(model, best_state, "best epoch"); res["selected"] = evaluate_sets(model, sets, names, cfg, device)
-    m = {"method": cfg.method, "protocol": cfg.protocol, "dataset": cfg.dataset_name, "seed": seed, "quick": cfg.quick,
-         **headline(res["selected"], cfg.protocol), "sets": res["selected"], "training": rec,
+    m = {"method": cfg.method.name, "protocol": cfg.data.protocol, "dataset": cfg.dataset_name, "seed": seed, "quick": cfg.quick,
+         **headline(res["selected"], cfg.data.protocol), "sets": res["selected"], "training": rec,
          "selected_on": "nothing trains" if best_state is None else "validation accuracy (never test)" if len(val_b) else "last epoch (no validation images)"}
-    if "last" in res: m["last"] = {**headline(res["last"], cfg.protocol), "sets": res["last"]}
-    else: m["last"] = {**headline(res["selected"], cfg.protocol), "sets": res["selected"]}
+    if "last" in res: m["last"] = {**headline(res["last"], cfg.data.protocol), "sets": res["last"]}
+    else: m["last"] = {**headline(res["selected"], cfg.data.protocol), "sets": res["selected"]}
     if len(grid) > 1: m["selection"] = {"selected_on": "validation accuracy", "grid": grid, "chosen": rec["grid_point"]}
     if main: save_json(m, rd/"metrics.json")
     return m
@@ -454,10 +450,10 @@ def run_scene_seed(cfg: SceneExpCfg, seed: int, datasets: dict, clip, encoder, c
 # %% ../../nbs/73_scene.protocol.ipynb #6fec29d5
 def load_datasets(cfg: SceneExpCfg) -> dict:
     "{'source': ..., target: ...} of a configuration."
-    out = {"source": load_images(cfg.dataset, source_params(cfg), cfg.root)}
+    out = {"source": load_images(cfg.data.dataset, source_params(cfg), cfg.data.root)}
     for t in default_targets(cfg):
         name, params = parse_target(t)
-        out[t] = load_images(name, params, cfg.root)
+        out[t] = load_images(name, params, cfg.data.root)
     return out
 
 def summarize_scene(cfg: SceneExpCfg) -> dict:
@@ -466,8 +462,8 @@ def summarize_scene(cfg: SceneExpCfg) -> dict:
     if not runs: raise DataError(f"{cfg.cfg_dir}: no finished seed (no seed*/metrics.json) to summarise")
     keys = [k for k in runs[0] if k in ("acc", "base", "new", "h", "source", "target_mean") or k.startswith("target:")]
     keys = [k for k in keys if all(isinstance(r.get(k), (int, float)) for r in runs)]
-    s = {"exp": cfg.exp, "protocol": cfg.protocol, "dataset": cfg.dataset_name, "cfg_name": cfg.cfg_name, "method": cfg.method,
-         "backbone": cfg.backbone, "shots": cfg.shots, "captioner": cfg.captioner if needs_captions(cfg) else None, "quick": cfg.quick,
+    s = {"exp": cfg.exp, "protocol": cfg.data.protocol, "dataset": cfg.dataset_name, "cfg_name": cfg.cfg_name, "method": cfg.method.name,
+         "backbone": cfg.method.backbone, "shots": cfg.data.shots, "captioner": cfg.method.captioner if needs_captions(cfg) else None, "quick": cfg.quick,
          **summarize_runs(runs, keys=keys, test_sets=("last",)), "warnings": []}
     s["table"] = format_scene_summary(s, keys)
     if is_main(): save_json(s, cfg.cfg_dir/"summary.json")
@@ -489,12 +485,12 @@ def check_datasets(cfg: SceneExpCfg, datasets: dict) -> None:
     src = datasets["source"]
     for t in default_targets(cfg):
         out = sorted(set(datasets[t].class_names) - set(src.class_names))
-        if cfg.protocol == "dg" and out:
+        if cfg.data.protocol == "dg" and out:
             raise ConfigError(f"domain-generalisation target {t!r} has classes outside the source's ({', '.join(out[:5])}); "
                               "DG needs a shared class set: use protocol 'cross' for other class sets")
-    if needs_captions(cfg) and cfg.captioner.startswith("synthetic"):
+    if needs_captions(cfg) and cfg.method.captioner.startswith("synthetic"):
         real = [k for k, d in datasets.items() if len(d) and not hasattr(d.items[0], "render")]
-        if real: raise ConfigError(f"captioner {cfg.captioner!r} describes the synthetic corpus's rendered layouts; {real[0]!r} holds image files: "
+        if real: raise ConfigError(f"captioner {cfg.method.captioner!r} describes the synthetic corpus's rendered layouts; {real[0]!r} holds image files: "
                                    "use --captioner file:CAPTIONS (Karpathy JSON, precomp folder, jsonl) or blip2:MODEL_FOLDER")
 
 def run_scene_experiment(cfg: SceneExpCfg, datasets: dict | None = None) -> dict:
@@ -503,14 +499,14 @@ def run_scene_experiment(cfg: SceneExpCfg, datasets: dict | None = None) -> dict
     from rs_prompt_lab.scene.encoders import make_encoder
     from rs_prompt_lab.scene.captions import make_captioner
     cfg = cfg.check()
-    if cfg.method != "zeroshot": check_batch_split(cfg.batch_size, name="--batch-size")   # under torchrun, before any data is read
+    if cfg.method.name != "zeroshot": check_batch_split(cfg.train.batch_size, name="--batch-size")   # under torchrun, before any data is read
     datasets = datasets or load_datasets(cfg)
     check_datasets(cfg, datasets)
-    clip = load_backbone(cfg.backbone)[0].eval()
+    clip = load_backbone(cfg.method.backbone)[0].eval()
     encoder, captioner = None, None
     if needs_captions(cfg):   # built once: a captioning model loads once per experiment, on the run's device
-        encoder = make_encoder(cfg.caption_encoder, clip)
-        captioner = make_captioner(cfg.captioner, **({"device": cfg.device} if cfg.captioner.startswith("blip2") else {}))
+        encoder = make_encoder(cfg.method.caption_encoder, clip)
+        captioner = make_captioner(cfg.method.captioner, **({"device": cfg.train.device} if cfg.method.captioner.startswith("blip2") else {}))
     run_seeds(cfg, lambda seed: run_scene_seed(cfg, seed, datasets, clip, encoder, captioner), cfg.progress,
               check_finished=lambda rd: check_same_data(rd, datasets))
     return summarize_scene(cfg)
