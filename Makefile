@@ -41,7 +41,7 @@ pytest: install
 	@mkdir -p $(HERMETIC)
 	$(BIN)/python -m pytest -q
 
-# The dashboards alone (they are part of `make test` too): the four tutorials through papermill (~3.5 min on 2 cores) and
+# The dashboards alone (they are part of `make test` too): the six tutorials through papermill (~5.5 min on 2 cores) and
 # JupyterLab in headless chromium. The inspector's old papermill stall was a lost zmq wakeup in the client, bounded to
 # 1 s by reproduce.polled_kernel_manager. The browser tests need Debian's chromium (`apt-get install -y chromium`) and
 # the playwright package from the dev install (never `playwright install`).

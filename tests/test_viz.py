@@ -270,6 +270,38 @@ def test_cfipt_walkthrough_tutorial_runs(tmp_path):
     assert sum("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", [])) == 1   # one figure: P_sp / P_sa
 
 
+def pngs(nb) -> int:
+    return sum("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))
+
+
+@pytest.mark.tutorial
+def test_bimors_walkthrough_tutorial_runs(tmp_path):
+    "The step-by-step BiMoRS tutorial: its cells assert the hand-made cross-attention and logits equal the module's; the short training learns."
+    nb, seconds = run_tutorial("bimors_walkthrough", tmp_path)
+    assert errors_of(nb) == []
+    assert seconds < 180, f"the BiMoRS walkthrough took {seconds:.0f} s; it should take about 1 min"
+    text = outputs_text(nb)
+    before, after, chance = map(int, re.search(r"test accuracy (\d+)% -> (\d+)% \(chance (\d+)%\)", text).groups())
+    assert after >= before + 15 and after > 5 * chance, text          # a few dozen steps visibly change the accuracy
+    assert pngs(nb) >= 6 and len(widget_outputs(nb)) == 1             # a figure at each step, the dashboard as a widget
+
+
+@pytest.mark.tutorial
+def test_alignment_walkthrough_tutorial_runs(tmp_path):
+    "Teacher zero-shot, PAINT and its alpha curve, a tiny student: the student learns to land in CLIP's space."
+    nb, seconds = run_tutorial("alignment_walkthrough", tmp_path)
+    assert errors_of(nb) == []
+    assert seconds < 180, f"the alignment walkthrough took {seconds:.0f} s; it should take about 1 min"
+    text = outputs_text(nb)
+    alphas = re.findall(r"alpha (\d\.\d\d): target (\d+)%, supported (\d+)%", text)
+    assert [a for a, _, _ in alphas] == ["0.00", "0.25", "0.50", "0.75", "1.00"], text
+    assert int(alphas[-1][1]) > int(alphas[0][1]), text                # fine-tuning helps the target task
+    t0, t1 = map(int, re.search(r"student top-1 through the zero-shot head (\d+)% -> (\d+)%", text).groups())
+    r0, r1 = map(int, re.search(r"student R@1 (\d+)% -> (\d+)%", text).groups())
+    assert t1 >= t0 + 20 and r1 >= r0 + 20, text                      # the distilled student classifies and retrieves
+    assert pngs(nb) >= 6 and len(widget_outputs(nb)) == 1
+
+
 # (e) in a real browser --------------------------------------------------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -427,6 +459,35 @@ def test_static_export_renders_offline(inspector_run):
         finally: b.close()
     assert asked == [], f"the page tried to load {asked[:3]}"
     assert _variance(shot) > 100, "the exported page is blank"
+
+
+def _pick_and_compare(page, art: Path, name: str):
+    "Screenshot the first dashboard, choose the last option of its first dropdown, screenshot again: both drawn, and different."
+    sel = page.locator(".widget-dropdown select").first
+    sel.wait_for(timeout=30000)
+    page.wait_for_timeout(1500)
+    dash = page.locator(".widget-vbox").first
+    dash.scroll_into_view_if_needed()
+    before = dash.screenshot(); (art / f"{name}_before.png").write_bytes(before)
+    assert _variance(before) > 100, f"the {name} dashboard is blank"
+    sel.select_option(index=sel.locator("option").count() - 1)
+    _wait_idle(page, 60); page.wait_for_timeout(1500)
+    after = dash.screenshot(); (art / f"{name}_after.png").write_bytes(after)
+    assert _variance(after) > 100 and before != after, f"choosing another item did not change the {name} dashboard"
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("name,params", [("bimors_walkthrough", dict(N_PER_CLASS=6, STEPS=10)),
+                                         ("alignment_walkthrough", dict(N_PER_CLASS=4, PAINT_STEPS=4, STUDENT_STEPS=10))])
+def test_family_walkthroughs_in_jupyterlab(name, params, tmp_path, monkeypatch, repo_root):
+    "Open the BiMoRS / alignment walkthrough (shorter training) in JupyterLab, run all, pick the last image / query pair: the view changes."
+    _need_browser()
+    import papermill as pm
+    work = tmp_path / "lab"; work.mkdir()
+    pm.execute_notebook(str(repo_root / f"nbs/tutorials/{name}.ipynb"), str(work / f"{name}.ipynb"), prepare_only=True, parameters=params)
+    hermetic_env(tmp_path, monkeypatch)
+    with lab_notebook(work, f"{name}.ipynb", tmp_path / "lab.log") as page:
+        _pick_and_compare(page, _screenshots(repo_root), name)
 
 
 def test_save_png_survives_a_display_hook_of_another_shell(tmp_path):
