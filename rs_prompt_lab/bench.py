@@ -100,8 +100,8 @@ class BenchSpec:
 BENCHES = {
     "classmap": BenchSpec("bench_classmap.py", ["--rows", "8", "--naive-pixels", "256"], [], ["--rows", "64"],
                           "whole-scene CF-IPT class map: tiled vs a naive per-pixel loop; FLOP rate vs the matmul peak"),
-    "prompts": BenchSpec("bench_per_image_prompts.py", ["--repeats", "2"], [], [],
-                         "per-image prompts (CoCoOp, BiMoRS): one batched B x K text pass vs a loop over images"),
+    "prompts": BenchSpec("bench_per_image_prompts.py", ["--repeats", "2", "--passes", "text-fwd", "learner-fwd+bwd"], [], [],
+                         "per-image prompts (CoCoOp, BiMoRS, CF-IPT): the shared-prefix B x K text pass vs the full B x K pass vs a loop over images"),
     "patches": BenchSpec("bench_patches.py", ["--rows", "24", "--naive-pixels", "1000"], [], None,
                          "lazy patch windows (SceneTiler) vs pad-and-slice per pixel; peak memory"),
     "backbones": BenchSpec("bench_backbones.py", [], [], None, "load time of the embedded rs-tiny backbone"),

@@ -78,6 +78,8 @@ def context_init(clip: PromptableCLIP, n_ctx: int, ctx_init: str | None = None) 
 
 class CoOpLearner(PromptLearner):
     "CoOp: `n_ctx` learnable context vectors shared by all classes and images."
+    shared_prefix = True   # per-image contexts: SOS + context once per image (False: the B x K full prompts, same numbers)
+
     def __init__(self, clip: PromptableCLIP, class_names, n_ctx: int = 4, # context vectors
                  ctx_init: str | None = None, # phrase whose embeddings initialise the context (sets n_ctx)
                  template: str = "{}"):
@@ -87,11 +89,22 @@ class CoOpLearner(PromptLearner):
         self.ctx = nn.Parameter(init)                                             # (n_ctx, D_t)
         self._tokenize()
 
+    def _tokenize(self) -> None:
+        super()._tokenize()
+        self._prefix_len = max(1 + self.n_ctx, self.clip.prefix_length(self.tokens))   # SOS, context, words every class shares
+
+    def context_features(self, ctx: torch.Tensor, # (n_ctx, D_t) shared or (B, n_ctx, D_t) per-image context
+                        ) -> torch.Tensor:
+        "Unit class features of `[SOS] ctx template(class).`: `(K, E)` for a shared context, `(B, K, E)` per image."
+        c = self.clip
+        emb, eot = c.token_embedding(self.tokens), c.eot_index(self.tokens)       # (K, L, D_t), (K,)
+        if ctx.ndim == 2 or not self.shared_prefix: return c.encode_text_embeddings(c.insert_context(emb, ctx), eot, normalize=True)
+        Lp = self._prefix_len                                                     # per image: the prefix once, K suffixes attend to it
+        return c.encode_text_prefixed(c.insert_context(emb[:1, :Lp], ctx)[:, 0], emb[:, Lp:], eot, normalize=True)
+
     def text_features(self, image_features=None) -> torch.Tensor:
         "Unit class features `(K, E)` of `[SOS] ctx template(class).`."
-        c = self.clip
-        emb = c.insert_context(c.token_embedding(self.tokens), self.ctx)          # (K, L, D_t)
-        return c.encode_text_embeddings(emb, c.eot_index(self.tokens), normalize=True)
+        return self.context_features(self.ctx)
 
 # %% ../../nbs/25_prompts.learners.ipynb #1737f39f
 class CoCoOpLearner(CoOpLearner):
@@ -109,10 +122,8 @@ class CoCoOpLearner(CoOpLearner):
     def text_features(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
         "Unit class features `(B, K, E)` for image features `(B, E)`."
         if image_features is None: raise ConfigError("CoCoOp's class features depend on the image: pass image_features (B, E)")
-        c = self.clip
         ctx = self.ctx[None] + self.meta_net(image_features.to(self.ctx.dtype))[:, None]   # (B, n_ctx, D_t)
-        emb = c.insert_context(c.token_embedding(self.tokens), ctx)                          # (B, K, L, D_t)
-        return c.encode_text_embeddings(emb, c.eot_index(self.tokens), normalize=True)
+        return self.context_features(ctx)                                                    # (B, K, E)
 
 # %% ../../nbs/25_prompts.learners.ipynb #51491711
 class MaPLeLearner(PromptLearner):
