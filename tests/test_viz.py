@@ -1,7 +1,7 @@
 """viz builders against real objects (a CF-IPT on the rs-tiny architecture, a run folder written by the runner), the
 static export, the tutorials run top to bottom through papermill, and (marked `browser`) the dashboards in JupyterLab
 in headless chromium."""
-import os, re, shutil, socket, subprocess, sys, time
+import json, os, re, shutil, socket, subprocess, sys, time
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
@@ -348,9 +348,13 @@ def lab_notebook(work: Path, name: str, log_path: Path):
     from playwright.sync_api import sync_playwright
     port, token = _free_port(), "rs-lab-test"
     log = open(log_path, "w")
+    settings = work.parent / f"{work.name}_lab_settings"                       # this server's own user settings: no news pop-up
+    (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True, exist_ok=True)  # over the screenshots, no network request
+    (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--allow-root",
                             f"--IdentityProvider.token={token}", "--LabApp.expose_app_in_browser=True", f"--ServerApp.root_dir={work}"],
-                           stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+                           stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(settings)})
     try:
         for _ in range(60):                                                    # the server answers within a few seconds
             try: socket.create_connection(("127.0.0.1", port), timeout=1).close(); break
