@@ -31,6 +31,11 @@ def _coerce(tp, v, name):
 
 def _is_cfg(tp) -> bool: return isinstance(tp, type) and is_dataclass(tp) and issubclass(tp, Cfg)
 
+def _field_default(cls, name: str):
+    "The default value of field `name` of dataclass `cls` (its factory called)."
+    f = {f.name: f for f in fields(cls)}[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
 @dataclass
 class Cfg:
     "Base for config dataclasses: JSON round-trip, strict keys, nested sections with flat names, `replace`."
@@ -102,16 +107,16 @@ class Cfg:
         return dataclasses.replace(self, **here)
 
     @classmethod
-    def from_dict(cls, d: dict):
+    def from_dict(cls, d: dict, _base=None):
         "The config from a JSON object: nested sections, or the flat names of a config file written before they nested."
         if not isinstance(d, dict): raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(d).__name__}")
         here, down = cls._route(d)
         hints, secs = get_type_hints(cls), cls.sections()
         vals = {k: _coerce(hints.get(k, Any), v, k) for k, v in here.items()}
-        for k, sub in down.items():
-            base = vals.get(k)
-            vals[k] = base.replace(**sub) if base is not None else secs[k].from_dict(sub)
-        return cls(**vals)
+        for k, sub in down.items():   # a section not given whole starts from its default here (a factory may differ from the class)
+            start = vals[k] if k in vals else getattr(_base, k) if _base is not None else _field_default(cls, k)
+            vals[k] = secs[k].from_dict(sub, _base=start)
+        return dataclasses.replace(_base, **vals) if _base is not None else cls(**vals)
     @classmethod
     def from_flat(cls, **kw):
         "The config from keyword arguments: flat names (`epochs=3`), dotted paths or whole sections; the rest keeps its defaults."
