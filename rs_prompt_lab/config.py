@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_config.ipynb #7640c421
 from __future__ import annotations
-import dataclasses, json, typing
+import copy, dataclasses, json, typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -60,14 +60,29 @@ class Cfg:
         return out
 
     @classmethod
-    def flat_names(cls) -> dict:
+    def flat_names(cls, strict: bool = True) -> dict:
         "{flat name: dotted path} of every leaf: a top-level field keeps its name, a nested one drops its section (`FLAT` overrides)."
-        out = {}
+        out, clash = {}, set()
         for path, _, _ in cls._paths():
             dotted = ".".join(path)
             name = cls.FLAT.get(dotted, path[0] if len(path) == 1 else "_".join(path[1:]))
-            if name in out: raise ConfigError(f"{cls.__name__}: fields {out[name]} and {dotted} share the flat name {name!r}; give one a FLAT entry")
+            if name in out:
+                if strict: raise ConfigError(f"{cls.__name__}: fields {out[name]} and {dotted} share the flat name {name!r}; give one a FLAT entry")
+                clash.add(name)
             out[name] = dotted
+        return {k: v for k, v in out.items() if k not in clash}   # not strict: a name two leaves share routes nowhere (use the dotted path)
+
+    @classmethod
+    def flat_view(cls, d: dict) -> dict:
+        "{flat name: value} of a stored config (nested, or the flat form of older files); leaves it lacks and keys it does not know are left out."
+        out = {}
+        for name, dotted in cls.flat_names().items():
+            v, ok = d, True
+            for k in dotted.split("."):
+                if isinstance(v, dict) and k in v: v = v[k]
+                else: ok = False; break
+            if ok: out[name] = v
+            elif name in d and not isinstance(d[name], dict): out[name] = d[name]
         return out
 
     def to_flat(self) -> dict:
@@ -80,42 +95,47 @@ class Cfg:
         return {n: get(p) for n, p in type(self).flat_names().items()}
 
     @classmethod
-    def _route(cls, d: dict) -> tuple:
+    def _route(cls, d: dict, pre: str = "") -> tuple:
         "Split `d` into ({field: value} of this level, {section: {relative key: value}}); flat names and dotted paths are routed."
         names, secs = [f.name for f in fields(cls)], cls.sections()
+        flat = cls.flat_names(strict=False) if secs else {}
         here, down = {}, {}
         for k, v in d.items():
-            if k in secs and (isinstance(v, dict) or isinstance(v, secs[k])):
-                if isinstance(v, secs[k]): here[k] = v
-                else: down.setdefault(k, {}).update(v)
+            if k in secs and isinstance(v, (dict, Cfg)):
+                if isinstance(v, dict): down.setdefault(k, {}).update(v)
+                elif type(v) is secs[k]: here[k] = v
+                else: raise ConfigError(f"section {pre + k!r} of {cls.__name__} is a {secs[k].__name__}, not a {type(v).__name__}; pass a "
+                                        f"{secs[k].__name__} or a dict of its fields")
                 continue
             if k in names and k not in secs: here[k] = v; continue
-            path = k if "." in k else cls.flat_names().get(k) if secs else None
+            path = k if "." in k else flat.get(k)
+            if k in secs and path is None:
+                raise ConfigError(f"section {pre + k!r} of {cls.__name__} must be a {secs[k].__name__} or a dict of its fields, got {v!r}")
             if path is None or path.split(".")[0] not in secs:
-                known = names + [n for n in (cls.flat_names() if secs else {}) if n not in names]
-                raise ConfigError(f"{cls.__name__}: unknown field {k!r}.{suggest(k, known)} Fields: {', '.join(known)}")
+                known = names + [n for n in flat if n not in names]
+                raise ConfigError(f"{cls.__name__}: unknown field {pre + k!r}.{suggest(k.split('.')[-1], known)} Fields: {', '.join(known)}")
             head, rest = path.split(".", 1)
             down.setdefault(head, {})[rest] = v
         return here, down
 
-    def replace(self, **kw):
-        "A copy with fields replaced: top-level names, nested sections' flat names (`epochs`) or dotted paths (`train.epochs`)."
-        here, down = type(self)._route(kw)
+    def replace(self, _pre: str = "", **kw):
+        "A copy (sections copied too) with fields replaced: top-level names, sections' flat names (`epochs`) or dotted paths (`train.epochs`)."
+        new = copy.deepcopy(self)
+        here, down = type(self)._route(kw, _pre)
         for k, sub in down.items():
-            cur = here.get(k, getattr(self, k))
-            here[k] = cur.replace(**sub)
-        return dataclasses.replace(self, **here)
+            here[k] = here.get(k, getattr(new, k)).replace(_pre=f"{_pre}{k}.", **sub)
+        return dataclasses.replace(new, **here)
 
     @classmethod
-    def from_dict(cls, d: dict, _base=None):
+    def from_dict(cls, d: dict, _base=None, _pre: str = ""):
         "The config from a JSON object: nested sections, or the flat names of a config file written before they nested."
         if not isinstance(d, dict): raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(d).__name__}")
-        here, down = cls._route(d)
+        here, down = cls._route(d, _pre)
         hints, secs = get_type_hints(cls), cls.sections()
         vals = {k: _coerce(hints.get(k, Any), v, k) for k, v in here.items()}
         for k, sub in down.items():   # a section not given whole starts from its default here (a factory may differ from the class)
             start = vals[k] if k in vals else getattr(_base, k) if _base is not None else _field_default(cls, k)
-            vals[k] = secs[k].from_dict(sub, _base=start)
+            vals[k] = secs[k].from_dict(sub, _base=start, _pre=f"{_pre}{k}.")
         return dataclasses.replace(_base, **vals) if _base is not None else cls(**vals)
     @classmethod
     def from_flat(cls, **kw):
@@ -182,7 +202,12 @@ def add_cfg_arguments(parser: argparse.ArgumentParser, cls: type, # a dataclass
         target = groups.get(path[0], parser) if len(path) > 1 else parser
         default = functools.reduce(getattr, path, inst)   # the experiment's default (a section's factory may set other values than the section class)
         tp, opt = _base_type(hints.get(f.name, str)), flags.get(name, "--" + name.replace("_", "-"))
-        help_ = (f"{'.'.join(path[1:-1])}: " if len(path) > 2 else "") + (fdocs.get(f.name) or "") + f" (default: {default!r})"
+        sub = ""
+        if len(path) > 2:   # a leaf of a sub-section (train.paint.lr): the sub-section's own comment says which stage
+            holder = functools.reduce(lambda c, p: c.sections()[p], path[:-2], cls)
+            sdoc = _field_docs(holder).get(path[-2])
+            sub = f"{sdoc or path[-2]}: "
+        help_ = sub + (fdocs.get(f.name) or "") + f" (default: {default!r})"
         kw = dict(dest=name, default=default, help=help_)
         if tp is bool:
             if default: target.add_argument(flags.get(name, "--no-" + name.replace("_", "-")), action="store_false", **kw)

@@ -30,9 +30,9 @@ class ConfigError(RSLabError):
 def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
     "A ' Did you mean ...?' hint with the closest of `choices` to `name` (empty when none is close)."
     choices = list(choices)
-    close = difflib.get_close_matches(str(name).lower(), [c.lower() for c in choices], n=n, cutoff=0.5)
-    lut = {c.lower(): c for c in choices}
-    return f" Did you mean: {', '.join(lut[c] for c in close)}?" if close else ""
+    close = difflib.get_close_matches(str(name).lower(), [str(c).lower() for c in choices], n=n, cutoff=0.5)
+    lut = {str(c).lower(): c for c in choices}
+    return f" Did you mean: {', '.join(str(lut[c]) for c in close)}?" if close else ""
 
 def check_choice(value: str, choices: Iterable[str], what: str = "value") -> str:
     "Return `value` if it is one of `choices`, else raise `ConfigError` naming the allowed values."

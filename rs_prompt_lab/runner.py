@@ -32,10 +32,7 @@ def check_same(cfg, run_dir: Path) -> None:
     p = Path(run_dir)/"config.json"
     if not p.exists(): return
     old = load_json(p).get("cfg", {})
-    if hasattr(cfg, "to_flat"):
-        try: old = result_cfg(type(cfg).from_dict(old))
-        except ConfigError as e: raise ConfigError(f"{run_dir} holds a run whose config.json this version cannot read ({e}); "
-                                                   "pass another name/out_dir or delete the folder") from None
+    if hasattr(cfg, "flat_view"): old = type(cfg).flat_view(old)   # nested or flat; settings it lacks count as the same, as before
     new = result_cfg(cfg)
     diff = sorted(k for k, v in new.items() if old.get(k, v) != v)
     if diff: raise ConfigError(f"{run_dir} holds a run with different settings ({', '.join(f'{k}: {old.get(k)!r} -> {new[k]!r}' for k in diff[:3])}); "
@@ -91,7 +88,7 @@ class MethodChoice(Cfg):
     "Which method, with which options, on which frozen backbone."
     name: str = "cfipt"                      # a registry name (methods.list_methods) or 'pkg.module:factory'
     kw: dict = field(default_factory=dict)   # method options: fields of the method's config (methods.method_config)
-    backbone: str = "rs-tiny"                # backbones.load_backbone name (unused by methods without one, e.g. svm / rf)
+    backbone: str = "rs-tiny"                # backbones.load_backbone name (ignored by methods that have none, such as the pixel task's svm / rf)
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 
@@ -101,8 +98,8 @@ class FitCfg(Cfg):
     GRID = ("lr", "steps", "epochs", "weight_decay")   # what `select` may search
     budget: str = "cfg"                      # 'cfg': epochs/steps/lr as set here; 'method': the steps and lr of the method's registry entry
     epochs: int = 20                         # training epochs (budget='cfg' without steps)
-    steps: int | None = None                 # optimiser steps in total, rounded up to whole epochs (overrides epochs)
-    select: dict = field(default_factory=dict)  # validation grid, e.g. {'lr': [1e-3, 3e-3]}: the best validation score is kept
+    steps: int | None = None                 # optimiser steps in total, rounded up to whole epochs (budget='cfg'; overrides epochs)
+    select: dict = field(default_factory=dict)  # validation grid over GRID's keys (pixel: lr, steps, epochs, weight_decay; scene: lr, steps), e.g. {'lr': [1e-3, 3e-3]}: the best validation score is kept
     batch_size: int = 64                     # training batch size
     eval_batch_size: int = 256               # samples per forward pass at validation / test time
     lr: float = 2e-3                         # peak learning rate (AdamW, cosine schedule)

@@ -73,8 +73,8 @@ class StageFit(Cfg):
 class AlignFitCfg(Cfg):
     """How the two stages train. The paper's lr are for its backbones (PAINT 1e-5 for ViT-B/32 on BigEarthNet, the student 1e-4 for
     ViT-S/16 from SSL4EO weights); tiny offline runs need larger ones (on rs-tiny, tens of images, 1e-5 barely moves the tower)."""
-    paint: StageFit = field(default_factory=lambda: StageFit(steps=200, lr=3e-4, weight_decay=0.5, batch_size=32))   # stage 1 (PAINT; weight decay 0.5 is the paper's)
-    align: StageFit = field(default_factory=lambda: StageFit(steps=300, lr=1e-3, weight_decay=0.05, batch_size=64))  # stage 2 (the student)
+    paint: StageFit = field(default_factory=lambda: StageFit(steps=200, lr=3e-4, weight_decay=0.5, batch_size=32))   # stage 1, PAINT (the paper: lr 1e-5 for ViT-B/32 on BigEarthNet, batch 128, weight decay 0.5)
+    align: StageFit = field(default_factory=lambda: StageFit(steps=300, lr=1e-3, weight_decay=0.05, batch_size=64))  # stage 2, the student (the paper: lr 1e-4 for ViT-S/16 from SSL4EO weights)
     eval_batch_size: int = 128               # images per forward pass at evaluation
     amp: str = "auto"                        # mixed precision (train.resolve_amp)
     device: str = "auto"                     # 'auto', 'cpu', 'cuda', 'cuda:N'
