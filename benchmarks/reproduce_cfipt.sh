@@ -26,8 +26,8 @@ case "${1:-}" in
     for m in svm rf; do $RS $m $SYN $COMMON --seeds $SEEDS; done
     $RS zeroshot $SYN $COMMON --seeds $SEEDS --backbone rs-tiny
     for m in linear-probe coop maple cfipt; do $RS $m $SYN $COMMON --seeds $SEEDS $BUDGET --backbone rs-tiny; done ;;
-  ablations)
-    for m in cfipt-bilinear cfipt-concat cfipt-ones cfipt-vision-only cfipt-no-interaction cfipt-transformer maple; do
+  ablations)   # the full model runs the same 5 seeds, so every ablation is paired with it seed by seed
+    for m in cfipt cfipt-bilinear cfipt-concat cfipt-ones cfipt-vision-only cfipt-no-interaction cfipt-transformer maple; do
       $RS $m $SYN $COMMON --seeds $ABL_SEEDS $BUDGET --backbone rs-tiny; done ;;
   report)   # tables + paired per-seed differences (95 % CI) against CF-IPT, per dataset
     .venv/bin/rs-lab results $OUT/cfipt --reference cfipt-rs-tiny-k40-p1-mbudget
