@@ -259,6 +259,10 @@ def test_band_explorer_tutorial_runs(tmp_path):
     assert "lidar dsm" in text and external_refs((tmp_path / "bands.html").read_text()) == []
 
 
+def pngs(nb) -> int:
+    return sum("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))
+
+
 @pytest.mark.tutorial
 def test_cfipt_walkthrough_tutorial_runs(tmp_path):
     "The step-by-step CF-IPT tutorial: its own cells assert that each hand-made step equals the module's, ending with forward()."
@@ -267,11 +271,7 @@ def test_cfipt_walkthrough_tutorial_runs(tmp_path):
     assert seconds < 180, f"the walkthrough took {seconds:.0f} s; it should take about 1.5 min"
     before, after, chance = map(int, re.search(r"test accuracy (\d+)% -> (\d+)% \(chance (\d+)%\)", outputs_text(nb)).groups())
     assert after > max(2 * chance, before + 20), outputs_text(nb)       # the short training learned something
-    assert sum("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", [])) == 1   # one figure: P_sp / P_sa
-
-
-def pngs(nb) -> int:
-    return sum("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))
+    assert pngs(nb) == 1                                              # one figure: P_sp / P_sa
 
 
 @pytest.mark.tutorial
