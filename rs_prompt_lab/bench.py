@@ -158,7 +158,7 @@ def run_bench(names: list | None = None, # benchmarks to run (default: all of BE
             passes = [("cpu", s.full if full else s.quick)] + ([("cuda", s.gpu)] if gpu and s.gpu is not None else [])
             for dev, args in passes:
                 log.info("bench %s (%s) ...", n, dev)
-                out.append(run_one(n, s, args, dev, Path(td), timeout))
+                out.append({**run_one(n, s, args, dev, Path(td), timeout), "full": bool(full) and dev == "cpu"})
     return out
 
 # %% ../nbs/90_bench.ipynb #bfa25f10
@@ -167,9 +167,9 @@ def _fmt(v) -> str:
     a = abs(v)
     return f"{v:,.0f}" if a >= 1000 else f"{v:.1f}" if a >= 10 else f"{v:.2f}" if a >= 0.1 else f"{v:.3g}"
 
-def bench_markdown(results: list, full: bool = False) -> str:
+def bench_markdown(results: list) -> str:
     "BENCHMARKS.md from `run_bench` results: a CPU section, a GPU section (or why it is empty), failures listed."
-    lines = ["# Benchmarks", "", "Written by `rs-lab bench" + (" --full" if full else "") + "` (do not edit by hand). Each figure is a ratio "
+    lines = ["# Benchmarks", "", "Written by `rs-lab bench` (do not edit by hand; under each table: the pass that wrote it). Each figure is a ratio "
              "against a baseline measured in the same run, on the machine named under each table; absolute numbers on a "
              "shared machine are noisy, the ratios much less so.", ""]
     for dev, title in (("cpu", "CPU"), ("cuda", "GPU")):
@@ -190,7 +190,8 @@ def bench_markdown(results: list, full: bool = False) -> str:
                 lines.append(f"| {f.name} | {_fmt(f.value)} {f.unit} | {base} | {_fmt(f.ratio) + 'x' if f.ratio else '-'} | {f.note} |")
             m = r["machine"]
             lines += ["", f"Machine: {m.get('gpu', m['machine'])}, {m['cpus']} CPUs visible, {m['threads']} torch threads, "
-                          f"torch {m['torch']}; {r.get('when', '')}, {r['seconds']:.0f} s. Command: `{r['cmd']}`", ""]
+                          f"torch {m['torch']}; {r.get('when', '')}, {r['seconds']:.0f} s; `rs-lab bench{' --full' if r.get('full') else ''}`. "
+                          f"Command: `{r['cmd']}`", ""]
             if r.get("missed"): lines += [f"Note: {r['missed']}.", ""]
     return "\n".join(lines)
 
@@ -236,6 +237,6 @@ def _bench(args) -> int:
         print(f"{r['name']:10s} {r['device']:4s} {'ok' if r['ok'] else 'FAILED: ' + r['error']}  ({r['seconds']:.0f} s)")
     merged = merge_results(load_results(out.with_suffix(".json")), res)
     save_results(merged, out.with_suffix(".json"))
-    atomic_write(out, bench_markdown(merged, args.full) + "\n")
+    atomic_write(out, bench_markdown(merged) + "\n")
     print(f"wrote {out} ({len(res)} run now, {len(merged) - len(res)} kept from before)")
     return 0 if all(r["ok"] for r in res) else 1

@@ -70,6 +70,7 @@ class PromptableCLIP(nn.Module):
                 raise UnsupportedBackbone(f"text vocab_size {model.vocab_size} is not the CLIP BPE vocabulary (49408); pass tokenizer=")
             tokenizer = SimpleTokenizer(context_length=model.context_length)
         self._tokenizer = tokenizer
+        self.lean_last_block = True   # the last block of each tower computes only the rows the features pool (False: every row)
 
     def train(self, mode: bool = True):
         "Set train/eval mode; a frozen CLIP stays in eval mode, except the parts unlocked for fine-tuning."
@@ -239,6 +240,19 @@ def _lean_block(blk: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, caus
     x = x + blk.ls_1(a.out_proj(o.transpose(1, 2).reshape(N, L, D)))
     return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
+def _lean_block_rows(blk: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                     rows: torch.Tensor, # (N,) the one position of each sequence the caller pools
+                    ) -> torch.Tensor:
+    "The last block for the pooled rows only: `_lean_block(...)[arange(N), rows]`, (N, D), without the other rows' work."
+    a, (N, L, D) = blk.attn, x.shape
+    q, k, v = _heads(F.linear(blk.ln_1(x), a.in_proj_weight, a.in_proj_bias), N, L, a.num_heads)   # keys, values: every row
+    at = torch.arange(N, device=x.device)
+    if causal: m = (torch.arange(L, device=x.device) <= rows[:, None])[:, None, None]      # (N, 1, 1, L) boolean: allowed
+    else: m = mask[rows][:, None, None] if mask is not None else None
+    o = F.scaled_dot_product_attention(q[at, :, rows][:, :, None], k, v, attn_mask=m)       # (N, h, 1, D/h): one query each
+    x = x[at, rows] + blk.ls_1(a.out_proj(o.reshape(N, D)))
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
 def _block_with_attn(blk: nn.Module, x: torch.Tensor, mask: torch.Tensor | None):
     "One ResidualAttentionBlock step that also returns per-head attention weights."
     if not isinstance(blk.attn, nn.MultiheadAttention):
@@ -255,7 +269,9 @@ def _run_blocks(transformer: nn.Module, # an open_clip Transformer
                 deep: Sequence | None, # per block: prompt tensor or None
                 start: int, # first prompt slot
                 n_slots: int | None, # prompt slots that exist (image tower), None: any (text tower)
-                take_tokens: set, take_attn: set, K: int = 1):
+                take_tokens: set, take_attn: set, K: int = 1,
+                rows: torch.Tensor | None = None, # (N,) pooled positions: the last block computes only these, output (N, D)
+               ):
     "Run the blocks with deep-prompt replacement; return the output and the requested tokens and attention maps."
     blocks = transformer.resblocks
     if deep is not None and len(deep) > len(blocks):
@@ -271,6 +287,10 @@ def _run_blocks(transformer: nn.Module, # an open_clip Transformer
                 raise ConfigError(f"deep prompt for layer {i} has {P} tokens but the sequence has {n_slots} prompt slots")
             if start + P > x.shape[1]: raise ConfigError(f"deep prompt for layer {i} ({P} tokens from {start}) is longer than the sequence")
             x = torch.cat([x[:, :start], _expand_prompt(p.to(x.dtype), x.shape[0], K), x[:, start + P:]], 1)
+        if rows is not None and i == len(blocks) - 1:                          # caller checked: lean, no tokens/maps wanted here
+            fn, args = _lean_block_rows, (blk, x, mask, causal, rows)
+            x = checkpoint(fn, *args, use_reentrant=False) if ckpt else _block_call(transformer, fn, *args)
+            continue
         if i not in take_attn and _lean_ok(blk):                               # the lean path (batch-first throughout)
             x = checkpoint(_lean_block, blk, x, mask, causal, use_reentrant=False) if ckpt else _block_call(transformer, _lean_block, blk, x, mask, causal)
             if i in take_tokens: toks[i] = x
@@ -282,6 +302,16 @@ def _run_blocks(transformer: nn.Module, # an open_clip Transformer
         x = xb if transformer.batch_first else xb.transpose(0, 1)
         if i in take_tokens: toks[i] = x
     return x, toks, attn
+
+@patch
+def _pooled_rows(self: PromptableCLIP, transformer: nn.Module, wanted: set, # layers whose tokens or maps are returned
+                 rows: Callable, # () -> (N,) the position each sequence pools
+                 pools_one_row: bool, # the tower's pooling reads one position per sequence
+                ) -> torch.Tensor | None:
+    "`rows()` for `_run_blocks(rows=)` where the last block may compute only the pooled rows, else None (every row)."
+    last = len(transformer.resblocks) - 1
+    ok = self.lean_last_block and pools_one_row and last not in wanted and _lean_ok(transformer.resblocks[last])
+    return rows() if ok else None
 
 # %% ../nbs/20_promptable.ipynb #27368196
 @patch
@@ -336,8 +366,10 @@ def encode_image(self: PromptableCLIP, images, # (B, 3, H, W), or whatever `adap
         raise ConfigError("deep visual prompts need prompt slots: give `prompts` or deep_prompts[0]")
     n = self.n_vision_layers
     tt, ta = _layers(return_tokens, n, "return_tokens"), _layers(return_attn, n, "return_attn")
-    x, toks, attn = _run_blocks(self.model.visual.transformer, x, None, deep, 1, P, tt, ta)
-    feats = self._pool_image(x, P)
+    rows = self._pooled_rows(self.model.visual.transformer, tt | ta, lambda: torch.zeros(B, dtype=torch.long, device=x.device),
+                             self.model.visual.pool_type == "tok")
+    x, toks, attn = _run_blocks(self.model.visual.transformer, x, None, deep, 1, P, tt, ta, rows=rows)
+    feats = self._pool_image(x if rows is None else x[:, None], P)
     if normalize: feats = F.normalize(feats, dim=-1)
     return dict(features=feats, tokens=toks, attn=attn, n_prompts=P) if (tt or ta) else feats
 
@@ -360,13 +392,14 @@ def encode_text_embeddings(self: PromptableCLIP, x: torch.Tensor, # (N, L, D) or
     mask = m.attn_mask[:L, :L] if m.attn_mask is not None else None
     n = self.n_text_layers
     tt, ta = _layers(return_tokens, n, "return_tokens"), _layers(return_attn, n, "return_attn")
-    x, toks, attn = _run_blocks(m.transformer, x, mask, deep_prompts, prompt_start, None, tt, ta, K)
-    x = m.ln_final(x)
-    if m.text_pool_type in ("argmax", "eos"):
+    N, pool = x.shape[0], m.text_pool_type
+    if pool in ("argmax", "eos"):
         if eot_idx is None: raise ConfigError("eot_idx is needed for this text tower: pass clip.eot_index(tokens)")
         idx = torch.as_tensor(eot_idx, device=x.device).long().expand(*lead).reshape(-1)
-        x = x[torch.arange(x.shape[0], device=x.device), idx]
-    else: x = x[:, 0] if m.text_pool_type == "first" else x[:, -1]
+    else: idx = torch.full((N,), 0 if pool == "first" else L - 1, dtype=torch.long, device=x.device)
+    rows = self._pooled_rows(m.transformer, tt | ta, lambda: idx, pool in ("argmax", "eos", "first", "last"))
+    x, toks, attn = _run_blocks(m.transformer, x, mask, deep_prompts, prompt_start, None, tt, ta, K, rows=rows)
+    x = m.ln_final(x if rows is not None else x[torch.arange(N, device=x.device), idx])   # (N, D) at the pooled positions
     proj = m.text_projection
     if proj is not None: x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
     if normalize: x = F.normalize(x, dim=-1)
@@ -407,6 +440,21 @@ def _prefix_block(blk: nn.Module, t: torch.Tensor, # packed tokens: B*Lp prefix 
     t = t + blk.ls_1(a.out_proj(torch.cat([op.transpose(1, 2).reshape(n, D), os_.transpose(1, 2).reshape(-1, D)])))
     return t + blk.ls_2(blk.mlp(blk.ln_2(t)))
 
+def _prefix_block_rows(blk: nn.Module, t: torch.Tensor, B: int, K: int, Lp: int, Ls: int, smask: torch.Tensor,
+                       sel: torch.Tensor, # (K,) the pooled position of each class inside its suffix
+                      ) -> torch.Tensor:
+    "The last `_prefix_block` for the pooled suffix rows only, (B*K, D): no prefix row and no other suffix row leaves it."
+    a, D, n = blk.attn, t.shape[-1], B * Lp
+    qkv = F.linear(blk.ln_1(t), a.in_proj_weight, a.in_proj_bias)                 # keys, values: every row
+    _, kp, vp = _heads(qkv[:n], B, Lp, a.num_heads)
+    qs, ks, vs = _heads(qkv[n:], B * K, Ls, a.num_heads)
+    at, r = torch.arange(B * K, device=t.device), sel.repeat(B)                      # row (b, k) pools suffix position sel[k]
+    rep = lambda z: z[:, None].expand(B, K, *z.shape[1:]).reshape(B * K, *z.shape[1:])
+    m = smask[sel][None].expand(B, K, -1).reshape(B * K, 1, 1, -1)                  # its row of the causal mask
+    o = F.scaled_dot_product_attention(qs[at, :, r][:, :, None], torch.cat([rep(kp), ks], 2), torch.cat([rep(vp), vs], 2), attn_mask=m)
+    x = t[n:].view(B * K, Ls, D)[at, r] + blk.ls_1(a.out_proj(o.reshape(B * K, D)))
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
 # %% ../nbs/20_promptable.ipynb #5d745ea4
 @patch
 def encode_text_prefixed(self: PromptableCLIP, prefix: torch.Tensor, # (Lp, D) | (B, Lp, D) embeddings of the shared first positions
@@ -438,9 +486,12 @@ def encode_text_prefixed(self: PromptableCLIP, prefix: torch.Tensor, # (Lp, D) |
             xp = t[:n].view(B, Lp, D)
             xp = torch.cat([xp[:, :prompt_start], _expand_prompt(p.to(cast), B), xp[:, prompt_start + p.shape[-2]:]], 1)
             t = torch.cat([xp.reshape(n, D), t[n:]])
-        t = (checkpoint(_prefix_block, blk, t, B, K, Lp, Ls, smask, use_reentrant=False) if ckpt
-             else _block_call(m.transformer, _prefix_block, blk, t, B, K, Lp, Ls, smask))
-    x = m.ln_final(t[n:].view(B, K, Ls, D)[:, torch.arange(K, device=t.device), eot - Lp])   # (B, K, D) at the end-of-text tokens
+        last = i == len(blocks) - 1 and self.lean_last_block                     # the pooled rows only (see 'Running the blocks')
+        fn, args = (_prefix_block_rows, (blk, t, B, K, Lp, Ls, smask, eot - Lp)) if last else (_prefix_block, (blk, t, B, K, Lp, Ls, smask))
+        t = checkpoint(fn, *args, use_reentrant=False) if ckpt else _block_call(m.transformer, fn, *args)
+    x = (t.view(B, K, D) if self.lean_last_block
+         else t[n:].view(B, K, Ls, D)[:, torch.arange(K, device=t.device), eot - Lp])
+    x = m.ln_final(x)                                                             # (B, K, D) at the end-of-text tokens
     proj = m.text_projection
     if proj is not None: x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
     return F.normalize(x, dim=-1) if normalize else x
