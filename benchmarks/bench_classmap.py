@@ -116,7 +116,7 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=None, help="map only a band of this many rows in the middle of the scene (default: all)")
     ap.add_argument("--height", type=int, default=349); ap.add_argument("--width", type=int, default=1905)
     ap.add_argument("--patch", type=int, default=11, help="patch size p (default 11)")
-    ap.add_argument("--batch", type=int, default=None, help="pixels per forward pass (default 256, or from --memory-gb)")
+    ap.add_argument("--batch", type=int, default=None, help="pixels per forward pass (default: classmap.default_map_batch, 64 on CPU; or from --memory-gb)")
     ap.add_argument("--memory-gb", type=float, default=None, help="choose the batch size from this memory budget (classmap.memory_batch_size)")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader processes cutting windows while the model runs (default 0)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the backbone's blocks (compile time included in the map's time)")
@@ -133,7 +133,7 @@ def main(argv=None):
     if a.batch is not None and a.memory_gb is not None: raise SystemExit("give --batch or --memory-gb, not both")
     amp_mode = a.amp or ("bf16" if a.device == "cuda" else "off")
     amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp_mode]
-    from rs_prompt_lab.classmap import predict_scene
+    from rs_prompt_lab.classmap import predict_scene, default_map_batch
     from rs_prompt_lab.data.scene import BandNormalizer
     from rs_prompt_lab.bench import BenchFigure, matmul_peak, write_figures
 
@@ -156,7 +156,7 @@ def main(argv=None):
         from rs_prompt_lab.classmap import memory_batch_size
         a.batch = memory_batch_size(model, scene, a.patch, a.memory_gb, a.device, normalizers=norms, amp=amp_mode, in_flight=1 + 2 * a.workers)
         print(f"batch size {a.batch} from a memory budget of {a.memory_gb:g} GB")
-    elif a.batch is None: a.batch = 256
+    elif a.batch is None: a.batch = default_map_batch(a.device)
     pdt = torch.bfloat16 if a.device == "cuda" else torch.float32
 
     mask, where = None, "whole scene"

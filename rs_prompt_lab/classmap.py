@@ -19,8 +19,8 @@ from .train import resolve_amp
 from .records import logits_of, class_id_names
 
 # %% auto #0
-__all__ = ['log', 'activation_bytes', 'check_memory_gb', 'memory_batch_size', 'predict_scene', 'class_palette', 'colorize',
-           'save_classmap', 'render_classmap']
+__all__ = ['log', 'MAP_BATCH', 'activation_bytes', 'check_memory_gb', 'default_map_batch', 'memory_batch_size', 'predict_scene',
+           'class_palette', 'colorize', 'save_classmap', 'render_classmap']
 
 # %% ../nbs/42_classmap.ipynb #5bfe52a0
 log = get_logger(__name__)
@@ -71,6 +71,15 @@ def check_memory_gb(memory_gb) -> float:
     if isinstance(memory_gb, bool) or not isinstance(memory_gb, numbers.Real) or not math.isfinite(memory_gb) or memory_gb <= 0:
         raise ConfigError(f"--memory-gb must be a positive number of GB (e.g. 2), got {memory_gb!r}")
     return float(memory_gb)
+
+MAP_BATCH = {"cpu": 64, "cuda": 256}   # default pixels per forward pass of a class map, by device type (see above)
+
+def default_map_batch(device: str | torch.device, # where the map runs
+                      cap: int | None = None, # a smaller batch the caller asked for elsewhere (a run's eval_batch_size)
+                     ) -> int:
+    "The class map's batch size when none is given: MAP_BATCH for the device type, at most `cap`."
+    b = MAP_BATCH.get(torch.device(device).type, MAP_BATCH["cpu"])
+    return b if cap is None else max(1, min(b, int(cap)))
 
 def memory_batch_size(model: nn.Module, scene: Scene, patch_size: int, # the model and the map it will draw
                       memory_gb: float, # the budget (GB) for activations and windows
@@ -162,7 +171,7 @@ def _predict_into(pred: np.ndarray, model, scene, patch_size, batch_size, device
 def predict_scene(model: nn.Module, # forward(batch dict) -> (B, K) logits
                   scene: Scene, # the scene to map
                   patch_size: int, # odd window size the model was trained with
-                  batch_size: int | None = None, # pixels per forward pass (bounds memory; default 256, or from memory_gb)
+                  batch_size: int | None = None, # pixels per forward pass (bounds memory; default: default_map_batch, or from memory_gb)
                   device: str | torch.device = "auto", # where to run the model
                   modalities: Sequence[str] | None = None, # modalities the model reads (default: all)
                   normalizers: Mapping | None = None, # {modality: fitted BandNormalizer}, as in training
@@ -203,7 +212,7 @@ def predict_scene(model: nn.Module, # forward(batch dict) -> (B, K) logits
         towers = [m for m in model.modules() if isinstance(m, PromptableCLIP)] if compile else []
         try:
             for t in towers: t.compile_blocks(True)
-            _predict_into(pred, model, scene, patch_size, 256 if batch_size is None else batch_size, device, dtype, mods, normalizers, todo,
+            _predict_into(pred, model, scene, patch_size, default_map_batch(device) if batch_size is None else batch_size, device, dtype, mods, normalizers, todo,
                           progress, int(workers), n_classes, (resume, key, save_every) if resume is not None else None)
         finally:
             for t in towers: t.compile_blocks(False)

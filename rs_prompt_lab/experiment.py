@@ -472,7 +472,7 @@ def load_run_model(rd: Path, cfg: PixelExpCfg, seed: int, scene: Scene) -> torch
 def classmap_from_run(run_dir, # a seed folder (or a configuration folder: its lowest seed)
                       out=None, # PNG path (default: run_dir/classmap.png); the .npy goes beside it
                       device: str = "auto", # where to run the model
-                      batch_size: int | None = None, # pixels per forward pass (default: cfg.train.eval_batch_size)
+                      batch_size: int | None = None, # pixels per forward pass (default: classmap.default_map_batch, at most eval_batch_size)
                       root: str | None = None, # dataset folder, if it moved since training
                       progress: bool = True, # tqdm bar
                       memory_gb: float | None = None, # batch size from this memory budget (GB) instead of eval_batch_size
@@ -509,7 +509,9 @@ def classmap_from_run(run_dir, # a seed folder (or a configuration folder: its l
                         f"{now_hash}); point --root at the data it was trained on")
     model = load_run_model(rd, cfg, seed, scene)
     partial = png.with_name(png.stem + ".partial.npz")
-    pred = predict_scene(model, scene, cfg.data.patch_size, None if memory_gb is not None else batch_size or cfg.train.eval_batch_size, device,
+    from rs_prompt_lab.classmap import default_map_batch
+    bs = None if memory_gb is not None else batch_size or default_map_batch(get_device(device), cfg.train.eval_batch_size)
+    pred = predict_scene(model, scene, cfg.data.patch_size, bs, device,
                          normalizers=load_normalizers(rd/"normalizers.json"), progress=progress, amp=cfg.train.amp, memory_gb=memory_gb,
                          workers=workers, resume=partial if resume else None, resume_key=json.dumps({"cfg": c["cfg"], "seed": seed}, sort_keys=True),
                          compile=compile)
