@@ -475,7 +475,7 @@ def classmap_from_run(run_dir, # a seed folder (or a configuration folder: its l
                       batch_size: int | None = None, # pixels per forward pass (default: classmap.default_map_batch, at most eval_batch_size)
                       root: str | None = None, # dataset folder, if it moved since training
                       progress: bool = True, # tqdm bar
-                      memory_gb: float | None = None, # batch size from this memory budget (GB) instead of eval_batch_size
+                      memory_gb: float | None = None, # batch size from this memory budget (GB) instead of the default batch
                       workers: int = 0, # DataLoader processes cutting windows while the model runs
                       resume: bool = True, # keep finished rows in classmap.partial.npz and continue from them
                       compile: bool = False, # torch.compile the backbone's blocks (a whole scene repays the compile time)

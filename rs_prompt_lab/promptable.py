@@ -396,6 +396,7 @@ def encode_text_embeddings(self: PromptableCLIP, x: torch.Tensor, # (N, L, D) or
     if pool in ("argmax", "eos"):
         if eot_idx is None: raise ConfigError("eot_idx is needed for this text tower: pass clip.eot_index(tokens)")
         idx = torch.as_tensor(eot_idx, device=x.device).long().expand(*lead).reshape(-1)
+        idx = torch.where(idx < 0, idx + L, idx)                                  # -1: the last position, as indexing reads it
     else: idx = torch.full((N,), 0 if pool == "first" else L - 1, dtype=torch.long, device=x.device)
     rows = self._pooled_rows(m.transformer, tt | ta, lambda: idx, pool in ("argmax", "eos", "first", "last"))
     x, toks, attn = _run_blocks(m.transformer, x, mask, deep_prompts, prompt_start, None, tt, ta, K, rows=rows)
