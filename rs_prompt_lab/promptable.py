@@ -305,13 +305,13 @@ def _run_blocks(transformer: nn.Module, # an open_clip Transformer
 
 @patch
 def _pooled_rows(self: PromptableCLIP, transformer: nn.Module, wanted: set, # layers whose tokens or maps are returned
-                 rows: Callable, # () -> (N,) the position each sequence pools
+                 rows: torch.Tensor, # (N,) the position each sequence pools
                  pools_one_row: bool, # the tower's pooling reads one position per sequence
                 ) -> torch.Tensor | None:
-    "`rows()` for `_run_blocks(rows=)` where the last block may compute only the pooled rows, else None (every row)."
+    "`rows` for `_run_blocks(rows=)` where the last block may compute only the pooled rows, else None (every row)."
     last = len(transformer.resblocks) - 1
     ok = self.lean_last_block and pools_one_row and last not in wanted and _lean_ok(transformer.resblocks[last])
-    return rows() if ok else None
+    return rows if ok else None
 
 # %% ../nbs/20_promptable.ipynb #27368196
 @patch
@@ -366,7 +366,7 @@ def encode_image(self: PromptableCLIP, images, # (B, 3, H, W), or whatever `adap
         raise ConfigError("deep visual prompts need prompt slots: give `prompts` or deep_prompts[0]")
     n = self.n_vision_layers
     tt, ta = _layers(return_tokens, n, "return_tokens"), _layers(return_attn, n, "return_attn")
-    rows = self._pooled_rows(self.model.visual.transformer, tt | ta, lambda: torch.zeros(B, dtype=torch.long, device=x.device),
+    rows = self._pooled_rows(self.model.visual.transformer, tt | ta, torch.zeros(B, dtype=torch.long, device=x.device),
                              self.model.visual.pool_type == "tok")
     x, toks, attn = _run_blocks(self.model.visual.transformer, x, None, deep, 1, P, tt, ta, rows=rows)
     feats = self._pool_image(x if rows is None else x[:, None], P)
@@ -398,7 +398,7 @@ def encode_text_embeddings(self: PromptableCLIP, x: torch.Tensor, # (N, L, D) or
         idx = torch.as_tensor(eot_idx, device=x.device).long().expand(*lead).reshape(-1)
         idx = torch.where(idx < 0, idx + L, idx)                                  # -1: the last position, as indexing reads it
     else: idx = torch.full((N,), 0 if pool == "first" else L - 1, dtype=torch.long, device=x.device)
-    rows = self._pooled_rows(m.transformer, tt | ta, lambda: idx, pool in ("argmax", "eos", "first", "last"))
+    rows = self._pooled_rows(m.transformer, tt | ta, idx, pool in ("argmax", "eos", "first", "last"))
     x, toks, attn = _run_blocks(m.transformer, x, mask, deep_prompts, prompt_start, None, tt, ta, K, rows=rows)
     x = m.ln_final(x if rows is not None else x[torch.arange(N, device=x.device), idx])   # (N, D) at the pooled positions
     proj = m.text_projection
